@@ -1,0 +1,1 @@
+"""Clustering methods and their registry (see :mod:`.registry` and :mod:`.base`)."""
