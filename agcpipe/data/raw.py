@@ -1,0 +1,33 @@
+"""What a source reader hands to the canonical writer.
+
+Readers (Planetoid, npz, tables, synthetic) translate a source into dense ids and arrays; they do no
+symmetrising, de-duplication or CSR building: :mod:`agcpipe.data.canonical` does that once for all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+
+@dataclass
+class RawGraph:
+    """A graph as read from its source, before canonicalisation.
+
+    ``features`` may be a ``np.memmap`` already written to ``<out_dir>/features.npy`` by a reader that
+    generates or streams features (synthetic, large tables); the writer then does not copy it.
+    """
+
+    n_nodes: int
+    src: np.ndarray  # int64 dense ids, one entry per input edge (any direction, duplicates allowed)
+    dst: np.ndarray  # int64 dense ids
+    features: np.ndarray  # N x d, float32 (or castable), row i = dense id i
+    weight: np.ndarray | None = None  # float32 per input edge; None = unweighted
+    labels: np.ndarray | None = None  # int64 class code per node, -1 = no label; None = no label column
+    label_classes: list[Any] | None = None  # original label value of each class code
+    keys: pa.Array | None = None  # original node ids in dense order; None = 0..N-1
+    feature_names: list[str] | None = None
+    #: reader-specific facts recorded in the manifest (e.g. {"label_less_nodes": 15})
+    info: dict[str, Any] = field(default_factory=dict)
