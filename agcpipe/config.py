@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -93,6 +93,8 @@ class SyntheticSource(Strict):
 Source = Annotated[
     Union[PlanetoidSource, NpzSource, TableSource, SyntheticSource], Field(discriminator="type")
 ]
+#: validates a bare source mapping (``{"type": "tables", ...}``) outside a full config
+TypeAdapterSource: TypeAdapter = TypeAdapter(Source)
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -115,7 +117,7 @@ class MethodConfig(Strict):
 
 
 class ClusterConfig(Strict):
-    n_clusters: int | None = Field(None, description="None = number of label classes")
+    n_clusters: int | None = Field(None, ge=2, description="None = number of label classes")
     n_init: int = Field(10, ge=1)
     max_iter: int = Field(300, ge=1)
     tol: float = Field(1e-4, ge=0)
@@ -190,6 +192,9 @@ class Config(Strict):
 
 
 # ------------------------------------------------------------------------------------------ loading
+#: the built-in default job (``agcpipe run`` with no config)
+DEFAULT_CONFIG = Path(__file__).parent / "defaults" / "default.yaml"
+
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -247,8 +252,9 @@ def load_config(
     """Load, override and validate a config. ``path=None`` gives the built-in default job."""
     base_dir = None
     if data is None:
-        data = {}
-        if path is not None:
+        if path is None:
+            data = yaml.safe_load(DEFAULT_CONFIG.read_text())
+        else:
             p = Path(path)
             if not p.is_file():
                 raise ConfigError(f"config file not found: {p}")

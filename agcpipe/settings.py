@@ -76,3 +76,16 @@ STACK_ENV = {
 def apply_stack_env() -> None:
     for key, value in STACK_ENV.items():
         os.environ.setdefault(key, value)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; explicit CUDA without a GPU is an error."""
+    import torch
+
+    from .errors import ConfigError
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device!r} requested but no CUDA device is available (use auto or cpu)")
+    return device
