@@ -86,7 +86,7 @@ class SyntheticSource(Strict):
     feature_signal: float = Field(
         1.0, ge=0, description="distance of community feature means, in units of the noise std"
     )
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     chunk_nodes: int = Field(1_000_000, ge=1, description="nodes generated per chunk")
 
 

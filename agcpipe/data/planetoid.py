@@ -28,6 +28,8 @@ from ..errors import InputError
 from .raw import RawGraph
 
 _PICKLES = ("allx", "tx", "ally", "ty", "graph")
+#: every file the reader opens (the ingest fingerprint hashes exactly these)
+FILES = (*_PICKLES, "test.index")
 
 #: (module, name) pairs a Planetoid pickle may reference; old and current spellings of each
 _ALLOWED = frozenset(
