@@ -64,6 +64,8 @@ class Method:
     family: ClassVar[str]
     #: whether training depends on the seed (non-parametric methods: no, so seeds share one train artifact)
     seeded_training: ClassVar[bool] = False
+    #: whether training needs the number of clusters (joint methods), so k is part of the train key
+    uses_n_clusters_in_training: ClassVar[bool] = False
 
     def __init__(self, params: dict[str, Any]):
         self.params = dict(params)

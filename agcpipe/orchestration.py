@@ -1,0 +1,113 @@
+"""Prefect orchestration: the only module of the library that imports Prefect.
+
+Each stage runs as a Prefect task whose cache key *is* the stage's content-addressed key
+(:class:`StageCachePolicy`), so a re-run shows the stages as ``Cached`` in Prefect and does no work. The
+cached result Prefect returns is only the small :class:`~agcpipe.stages.StageResult` dict; before
+trusting it the policy checks that the artifact it points to is still complete in the store, and drops
+Prefect's record when it is not (deleted or truncated artifacts are recomputed, never returned stale).
+Prefect results are persisted as JSON under ``<store>/.prefect-results``.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE, CachePolicy
+from prefect.context import TaskRunContext
+
+from .config import Config, validate_config
+from .pipeline import RunSummary, run_pipeline
+from .settings import apply_stack_env, store_root
+from .stages import StageResult, get_stage
+from .store import Store
+
+RESULTS_DIR = ".prefect-results"
+
+
+@dataclass
+class StageCachePolicy(CachePolicy):
+    """Prefect cache key = the agcpipe stage key; invalid artifacts invalidate Prefect's record."""
+
+    stage: str = ""
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
+        cfg = validate_config(inputs["config"])
+        upstream = [StageResult.from_dict(u) for u in inputs["upstream"]]
+        key = get_stage(self.stage).key(cfg, *upstream)
+        prefect_key = f"{self.stage}-{key}"
+        store = Store(store_root(cfg.store))
+        if not store.is_valid(self.stage, key):
+            (store.root / RESULTS_DIR / prefect_key).unlink(missing_ok=True)
+        return prefect_key
+
+
+def _run_stage(stage: str, config: dict[str, Any], upstream: list[dict[str, Any]]) -> dict[str, Any]:
+    cfg = validate_config(config)
+    return get_stage(stage).run(cfg, *(StageResult.from_dict(u) for u in upstream)).to_dict()
+
+
+def _stage_task(stage: str):
+    def fn(config: dict[str, Any], upstream: list[dict[str, Any]]) -> dict[str, Any]:
+        return _run_stage(stage, config, upstream)
+
+    fn.__name__ = fn.__qualname__ = stage
+    return task(
+        fn,
+        name=stage,
+        cache_policy=StageCachePolicy(stage=stage),
+        persist_result=True,
+        result_serializer="json",
+    )
+
+
+STAGE_TASKS = {s: _stage_task(s) for s in ("ingest", "precompute", "train", "cluster", "evaluate")}
+
+
+@task(name="track", cache_policy=NO_CACHE, persist_result=False)
+def track_task(finish: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    return finish()
+
+
+class PrefectRunner:
+    """Runs each stage as a Prefect task; reports Prefect's ``Cached`` state as ``cached``."""
+
+    def __init__(self, cfg: Config):
+        self.results_dir = store_root(cfg.store) / RESULTS_DIR
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, stage: str, cfg: Config, *upstream: StageResult) -> StageResult:
+        t0 = time.perf_counter()
+        t = STAGE_TASKS[stage].with_options(result_storage=Path(self.results_dir))
+        state = t(cfg.resolved() | {"base_dir": cfg.base_dir}, [u.to_dict() for u in upstream], return_state=True)
+        res = StageResult.from_dict(state.result())  # re-raises the stage's own exception on failure
+        if state.name == "Cached":
+            res.status, res.seconds = "cached", time.perf_counter() - t0
+        return res
+
+    @staticmethod
+    def track(finish: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], float]:
+        t0 = time.perf_counter()
+        out = track_task(finish)
+        return out, time.perf_counter() - t0
+
+
+@flow(name="agcpipe", log_prints=False, validate_parameters=False)
+def agcpipe_flow(config: dict[str, Any]) -> dict[str, Any]:
+    """The clustering flow: ingest, precompute, train, cluster, evaluate, track."""
+    from prefect.runtime import flow_run
+
+    cfg = validate_config(config)
+    runner = PrefectRunner(cfg)
+    summary = run_pipeline(cfg, runner, track_runner=runner.track, flow_run_id=str(flow_run.id))
+    get_run_logger().info("stages: %s", {s.stage: s.status for s in summary.stages})
+    return summary.to_dict()
+
+
+def run_flow(cfg: Config) -> RunSummary:
+    """Run :func:`agcpipe_flow` (Prefect's ephemeral API unless ``PREFECT_API_URL`` is set)."""
+    apply_stack_env()
+    return RunSummary.from_dict(agcpipe_flow(cfg.resolved() | {"base_dir": cfg.base_dir}))

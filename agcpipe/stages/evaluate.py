@@ -1,0 +1,30 @@
+"""Stage 5: evaluation metrics (label metrics when labels exist; modularity, conductance always)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import Config
+from ..data.graph import Graph
+from ..metrics import evaluate
+from .base import Stage, StageResult
+
+
+class EvaluateStage(Stage):
+    name = "evaluate"
+    code = ("agcpipe.metrics",)
+
+    def payload(self, cfg: Config, g: StageResult, c: StageResult) -> dict[str, Any]:  # type: ignore[override]
+        return {"graph": g.summary["fingerprint"], "cluster": c.key}
+
+    def compute(self, cfg: Config, out: Path, g: StageResult, c: StageResult) -> dict[str, Any]:  # type: ignore[override]
+        labels = np.load(Path(c.path) / "labels.npy", mmap_mode="r")
+        metrics = evaluate(Graph.open(g.path), labels, int(c.summary["n_clusters"]))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        return metrics
+
+
+STAGE = EvaluateStage()
