@@ -21,3 +21,6 @@ def datasets() -> Path:
     if root is None:
         pytest.skip("real datasets not found: set AGCPIPE_DATASETS to the shared datasets folder")
     return root
+
+
+from integration_support import home, mlflow_template, prefect_harness  # noqa: E402,F401  (fixtures)
