@@ -1,6 +1,7 @@
 """Shared helpers for the benchmarks: run a case in a fresh process, measure time and peak memory, print.
 
-Peak memory is the child's peak resident set size (``ru_maxrss``), which includes the interpreter and
+Peak memory is the child's peak resident set size (``VmHWM`` of /proc/self/status: ``ru_maxrss`` would
+be wrong, it carries the parent's peak across fork+exec), which includes the interpreter and
 imported libraries (torch alone is ~300 MB); ``baseline_rss`` (the RSS after imports, before the case)
 is reported beside it so the case's own footprint can be read off.
 """
@@ -10,7 +11,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,13 +23,22 @@ def _rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes (VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
 def _child(conn, fn, args, kwargs):
     try:
         base = _rss_now()
         t0 = time.perf_counter()
         result = fn(*args, **kwargs)
         seconds = time.perf_counter() - t0
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = peak_rss()
         conn.send(("ok", result, seconds, peak, base))
     except BaseException as e:  # report, never hang the parent
         import traceback
