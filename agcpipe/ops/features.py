@@ -37,17 +37,24 @@ def compute_features(
     """Write ``<name>.npy`` for every spec into ``out_dir``; return them memory-mapped, and the stats.
 
     Peak memory: the preprocessed features (N x d float32, memory-mapped in ``out_dir`` and deleted at
-    the end) plus the working buffers of the most demanding op (see :mod:`.propagate`).
+    the end; no copy when ``preprocess`` is ``none``) plus the working buffers of the most demanding op
+    (see :mod:`.propagate`).
     """
     n, d = graph.features.shape
-    pre_path = out_dir / ".preprocessed.npy"
-    pre = np.lib.format.open_memmap(pre_path, mode="w+", dtype=np.float32, shape=(n, d))
-    try:
+    if preprocess == "none" and graph.features.dtype == np.float32:
+        # nothing to transform: propagate straight from the graph's (memory-mapped) features, no copy
+        pre, pre_path = graph.features, None
+        stats = {"method": "none"}
+    else:
+        pre_path = out_dir / ".preprocessed.npy"
+        pre = np.lib.format.open_memmap(pre_path, mode="w+", dtype=np.float32, shape=(n, d))
         pre, stats = preprocess_features(graph.features, preprocess, stats, out=pre)
+    try:
         for spec in specs:
             params = {k: v for k, v in spec.items() if k != "name"}
             propagate(params, graph.indptr, graph.indices, graph.weights, pre, out_dir / f"{spec['name']}.npy", device=device)
     finally:
         del pre
-        os.remove(pre_path)
+        if pre_path is not None:
+            os.remove(pre_path)
     return {s["name"]: np.load(out_dir / f"{s['name']}.npy", mmap_mode="r") for s in specs}, stats
