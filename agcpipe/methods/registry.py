@@ -1,11 +1,12 @@
 """The method registry: one entry per clustering method, looked up by name from configs.
 
 Adding a method means adding one module under ``agcpipe/methods/`` that defines a :class:`~.base.Method`
-subclass decorated with :func:`register`, and listing the module in ``_BUILTIN_MODULES``.
+subclass decorated with :func:`register`: every module of the package is imported on first lookup.
 """
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -15,8 +16,8 @@ from ..errors import ConfigError
 
 Family = Literal["baseline", "non-parametric", "decoupled", "joint"]
 
-# modules whose import registers the built-in methods (imported lazily, on first lookup)
-_BUILTIN_MODULES = ("agcpipe.methods.propagation",)
+# modules of this package that define no method
+_NOT_METHODS = {"base", "registry"}
 
 
 class Params(BaseModel):
@@ -81,10 +82,14 @@ def register(name: str, *, family: Family, params: type[Params], description: st
 
 
 def _load_builtin() -> None:
+    """Import every method module of this package (each registers its methods); once per process."""
     global _loaded
     if not _loaded:
-        for mod in _BUILTIN_MODULES:
-            importlib.import_module(mod)
+        from . import __path__ as pkg_path
+
+        for info in pkgutil.iter_modules(pkg_path):
+            if info.name not in _NOT_METHODS and not info.name.startswith("_"):
+                importlib.import_module(f"{__package__}.{info.name}")
         _loaded = True
 
 
