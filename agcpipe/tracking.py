@@ -177,8 +177,10 @@ class Tracker:
             tmp = Path(tmp)
             (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
             self.client.log_artifact(self.run_id, str(tmp / "config.yaml"))
-        for path in (Path(g.path) / "manifest.json", Path(e.path) / "metrics.json", Path(c.path) / "assignments.parquet", Path(c.path) / "cluster.json", Path(t.path) / "train.json"):
+        for path in (Path(g.path) / "manifest.json", Path(e.path) / "metrics.json", Path(t.path) / "train.json"):
             self.client.log_artifact(self.run_id, str(path))
+        for name in ("assignments.parquet", "cluster.json", "cluster_graph.parquet", "cluster_features.parquet", "representatives.parquet"):
+            self.client.log_artifact(self.run_id, str(Path(c.path) / name), "clusters")
 
         res = TrackResult(run_id=self.run_id, experiment_id=self.experiment_id, tracking_uri=self.uri)
         if cfg.tracking.register_model:

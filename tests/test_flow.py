@@ -61,8 +61,10 @@ def test_flow_tracks_registers_and_rerun_is_cached(prefect_harness, home):
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
     assert sorted(c.data.tags["agcpipe.stage"] for c in children) == sorted(ALL)
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "manifest.json", "metrics.json", "assignments.parquet", "model"} <= arts
-    assignments = pq.read_table(client.download_artifacts(run.info.run_id, "assignments.parquet", str(home))).to_pandas()
+    assert {"config.yaml", "manifest.json", "metrics.json", "clusters", "model"} <= arts
+    cluster_arts = {a.path for a in client.list_artifacts(run.info.run_id, "clusters")}
+    assert {f"clusters/{n}.parquet" for n in ("assignments", "cluster_graph", "cluster_features", "representatives")} <= cluster_arts
+    assignments = pq.read_table(client.download_artifacts(run.info.run_id, "clusters/assignments.parquet", str(home))).to_pandas()
     assert list(assignments.columns) == ["key", "node_id", "cluster", "confidence"] and len(assignments) == 1500
     assert assignments.confidence.between(0, 1).all()
     mv = client.get_model_version_by_alias(cfg.model_name, "champion")

@@ -55,6 +55,9 @@ class Clustering:
     confidence: np.ndarray  # float32 N, in [0, 1]
     centers: np.ndarray | None = None  # float32 k x h (in the space clustering ran in)
     info: dict[str, Any] = field(default_factory=dict)
+    #: per-node score within its own cluster, to rank representatives (e.g. a learned TopK/SAG score);
+    #: None = use ``confidence``
+    scores: np.ndarray | None = None
 
 
 class Method:
