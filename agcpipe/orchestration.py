@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.context import TaskRunContext
 
-from .config import Config, validate_config
+from .config import Config, load_config, validate_config
 from .pipeline import RunSummary, run_pipeline
 from .settings import apply_stack_env, store_root
 from .stages import StageResult, get_stage
@@ -96,11 +96,20 @@ class PrefectRunner:
 
 
 @flow(name="agcpipe", log_prints=False, validate_parameters=False)
-def agcpipe_flow(config: dict[str, Any]) -> dict[str, Any]:
-    """The clustering flow: ingest, precompute, train, cluster, evaluate, track."""
+def agcpipe_flow(
+    config: dict[str, Any] | None = None,
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """The clustering flow: ingest, precompute, train, cluster, evaluate, track.
+
+    Either ``config`` (a resolved config mapping, as the CLI passes it) or ``config_path`` (a YAML file,
+    relative to the working directory; None = the built-in default job) with ``--set``-style
+    ``overrides``: deployments and schedules use the latter.
+    """
     from prefect.runtime import flow_run
 
-    cfg = validate_config(config)
+    cfg = validate_config(config) if config is not None else load_config(config_path, overrides or [])
     runner = PrefectRunner(cfg)
     summary = run_pipeline(cfg, runner, track_runner=runner.track, flow_run_id=str(flow_run.id))
     get_run_logger().info("stages: %s", {s.stage: s.status for s in summary.stages})
@@ -111,3 +120,31 @@ def run_flow(cfg: Config) -> RunSummary:
     """Run :func:`agcpipe_flow` (Prefect's ephemeral API unless ``PREFECT_API_URL`` is set)."""
     apply_stack_env()
     return RunSummary.from_dict(agcpipe_flow(cfg.resolved() | {"base_dir": cfg.base_dir}))
+
+
+def serve(config_path: str | None, overrides: list[str], cron: str, name: str | None = None) -> None:
+    """Serve the flow on a cron schedule (UTC) from this process; needs a Prefect server.
+
+    Prefect's ephemeral API never runs schedules (``flow.serve`` only warns), so this refuses to start
+    without ``PREFECT_API_URL``.
+    """
+    import os
+
+    from prefect.schedules import Cron
+
+    from .errors import ConfigError
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ConfigError(
+            "scheduled runs need a Prefect server: start the local services with `agcpipe infra up` and "
+            "`source data/infra/env.sh`, or set PREFECT_API_URL to your server"
+        )
+    cfg = load_config(config_path, overrides)  # validate now, not at 02:00
+    path = str(Path(config_path).resolve()) if config_path else None
+    apply_stack_env()
+    agcpipe_flow.serve(
+        name=name or f"{cfg.name}-scheduled",
+        schedule=Cron(cron, timezone="UTC"),
+        parameters={"config_path": path, "overrides": overrides},
+        print_starting_message=True,
+    )
