@@ -5,6 +5,7 @@ User errors (:class:`~agcpipe.errors.AgcError`) print one line on stderr and exi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -40,10 +41,24 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default="auto")
     a.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: MLFLOW_TRACKING_URI or the local SQLite store)")
 
+    sv = sub.add_parser("serve", help="run the flow on a cron schedule (UTC); needs a Prefect server (agcpipe infra up)")
+    add_config_args(sv)
+    sv.add_argument("--cron", required=True, help='cron expression in UTC, e.g. "0 2 * * *"')
+    sv.add_argument("--name", help="deployment name (default: <config name>-scheduled)")
+
+    inf = sub.add_parser("infra", help="local Prefect server + worker, MLflow server and Dask cluster on loopback")
+    inf.add_argument("action", choices=["up", "down", "status", "deploy"])
+    inf.add_argument("--name", action="append", default=[], help="deploy: only these deployments of infra/prefect.yaml")
+
     sub.add_parser("methods", help="list the registered methods")
 
     c = sub.add_parser("config", help="print the resolved config")
     add_config_args(c)
+
+    from . import cache, registry
+
+    registry.add_parser(sub)  # agcpipe models list | show | history | promote | rollback
+    cache.add_parser(sub)  # agcpipe cache ls | gc
     return p
 
 
@@ -53,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     apply_stack_env()
     try:
-        return {"run": cmd_run, "ingest": cmd_ingest, "assign": cmd_assign, "methods": cmd_methods, "config": cmd_config}[args.cmd](args)
+        return {"run": cmd_run, "ingest": cmd_ingest, "assign": cmd_assign, "methods": cmd_methods, "config": cmd_config, "serve": cmd_serve, "infra": cmd_infra, "models": cmd_models, "cache": cmd_cache}[args.cmd](args)
     except AgcError as e:
         print(f"agcpipe: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -110,8 +125,6 @@ def cmd_assign(args: argparse.Namespace) -> int:
     from .settings import datasets_root, tracking_uri
 
     uri = tracking_uri(args.tracking_uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     graph_arg = Path(args.graph)
     base_dir = None
     if is_graph_dir(graph_arg):
@@ -127,10 +140,11 @@ def cmd_assign(args: argparse.Namespace) -> int:
         base_dir = str(graph_arg.resolve().parent)
     else:
         raise ConfigError(f"--graph {args.graph}: neither a canonical graph folder nor a YAML file with a source")
-    try:
-        model = mlflow.pyfunc.load_model(args.model)
-    except Exception as e:  # MLflow raises several types for a missing model / alias
-        raise ConfigError(f"cannot load model {args.model!r} from {uri}: {e}") from None
+    with _mlflow_uris(uri):
+        try:
+            model = mlflow.pyfunc.load_model(args.model)
+        except Exception as e:  # MLflow raises several types for a missing model / alias
+            raise ConfigError(f"cannot load model {args.model!r} from {uri}: {e}") from None
     params = {"base_dir": base_dir, "datasets_root": str(datasets_root()) if datasets_root() else None, "device": args.device}
     df = model.predict(source, params={k: v for k, v in params.items() if v is not None})
     out = Path(args.out)
@@ -140,6 +154,68 @@ def cmd_assign(args: argparse.Namespace) -> int:
     os.replace(tmp, out)
     sizes = df["cluster"].value_counts()
     print(f"assigned {len(df)} nodes to {sizes.size} clusters with {args.model} -> {out}")
+    return 0
+
+
+@contextlib.contextmanager
+def _mlflow_uris(uri: str):
+    """Point MLflow's process-global tracking and registry URIs at ``uri`` for the block, then restore.
+
+    ``mlflow.set_tracking_uri`` / ``set_registry_uri`` also write ``MLFLOW_*_URI`` into ``os.environ``;
+    left set, they would redirect every later MLflow call in this process (the CLI is also called from
+    Python and tests). ``load_model("models:/...")`` only reads these globals, hence the save / restore.
+    """
+    import mlflow
+    import mlflow.tracking._model_registry.utils as registry_utils
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved_env = {k: os.environ.get(k) for k in keys}
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        registry_utils._registry_uri = saved[1]
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .orchestration import serve
+
+    serve(args.config, args.overrides, args.cron, args.name)
+    return 0
+
+
+def cmd_infra(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import infra
+
+    console = Console()
+    if args.action == "up":
+        env = infra.up()
+        console.print(f"services up; logs and pid files in {infra.infra_dir()}")
+        for k, v in env.items():
+            console.print(f"  export {k}={v}")
+        console.print(f"or: source {infra.infra_dir() / 'env.sh'}")
+    elif args.action == "down":
+        stopped = infra.down()
+        console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    elif args.action == "deploy":
+        console.print(infra.deploy(names=args.name or None))
+    else:
+        table = Table("service", "pid", "running", "healthy", "log")
+        for r in infra.status():
+            table.add_row(r["service"], str(r["pid"] or "-"), str(r["running"]), str(r["healthy"]), r["log"])
+        console.print(table)
     return 0
 
 
@@ -165,6 +241,18 @@ def cmd_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     print(yaml.safe_dump(cfg.resolved(), sort_keys=False), end="")
     return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from . import registry
+
+    return registry.cli(args)
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from . import cache
+
+    return cache.cli(args)
 
 
 # ----------------------------------------------------------------------------------------- output

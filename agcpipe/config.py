@@ -125,7 +125,56 @@ class ClusterConfig(Strict):
     chunk_size: int = Field(65_536, ge=1)
 
 
-_GATE_RE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(>=|<=|>|<|==)\s*([-+0-9.eE]+)\s*$")
+class TrainConfig(Strict):
+    """How trainable methods train (generic); *what* they train (encoder, loss, lr, epochs) is ``method.params``.
+
+    Settings left at ``None`` take the method's published default. The settings that can change the trained
+    weights (resolved mode, batch size, fan-out, epochs, early stopping, amp) are part of the train stage's
+    cache key; checkpointing, logging and the progress bar are not.
+    """
+
+    mode: Literal["auto", "full", "minibatch"] = Field(
+        "auto", description="auto = full-batch up to max_full_batch_nodes nodes, else mini-batch"
+    )
+    max_full_batch_nodes: int = Field(
+        200_000, ge=1, description="auto mode and inference: full-graph passes up to this many nodes"
+    )
+    batch_size: int | None = Field(None, ge=1, description="seed nodes per mini-batch; None = the method's default")
+    fanout: list[int] | None = Field(
+        None,
+        description="neighbours sampled per node at each layer (-1 = all), outermost layer first; "
+        "None = the method's default; an MLP encoder samples nothing (node batches)",
+    )
+    epochs: int | None = Field(None, ge=1, description="overrides the method's number of epochs")
+    patience: int | None = Field(
+        None, ge=0, description="early stopping on the training loss: epochs without improvement; 0 = off; None = method default"
+    )
+    min_delta: float = Field(0.0, ge=0, description="smallest loss decrease that counts as an improvement")
+    restore_best: bool = Field(True, description="with early stopping, keep the weights of the best epoch")
+    amp: bool = Field(False, description="mixed precision (bfloat16 on CPU, float16 + loss scaling on CUDA)")
+    checkpoint_every: int = Field(10, ge=0, description="epochs between checkpoints (0 = never)")
+    checkpoint_seconds: float = Field(300.0, ge=0, description="also checkpoint at an epoch end after this many seconds")
+    log_every: int = Field(1, ge=1, description="record the loss history every N epochs")
+    progress: bool = Field(True, description="progress bar (loss, speed) on a terminal for runs longer than a few seconds")
+    threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads while training (None = torch's default, all cores)"
+    )
+
+    @field_validator("fanout")
+    @classmethod
+    def _fanout(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(k == 0 or k < -1 for k in v):
+            raise ValueError(f"fanout entries must be positive or -1 (all neighbours), got {v}")
+        return v
+
+
+_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+#: '<metric> <op> <number>', or '<metric> <op> champion [(+|-|*) <number>]' where ``champion`` is the
+#: value of the same metric on the version the alias (tracking.alias) points at now (its metric.<name>
+#: tag). Groups: 1 metric, 2 op, 3 number (absolute form), 4 / 5 operator / operand after champion.
+_GATE_RE = re.compile(
+    rf"^\s*([A-Za-z_][\w.]*)\s*(>=|<=|>|<|==)\s*(?:({_NUM})|champion(?:\s*([-+*])\s*({_NUM}))?)\s*$"
+)
 
 
 class TrackingConfig(Strict):
@@ -137,7 +186,9 @@ class TrackingConfig(Strict):
     register_model: bool = True
     alias: str = "champion"
     gate: list[str] = Field(
-        default_factory=list, description="conditions on metrics, e.g. 'modularity >= 0.5'"
+        default_factory=list,
+        description="conditions on metrics, e.g. 'modularity >= 0.5' or 'nmi >= champion - 0.01' "
+        "(champion = the alias's current holder)",
     )
 
     @field_validator("gate")
@@ -146,8 +197,8 @@ class TrackingConfig(Strict):
         for cond in v:
             if not _GATE_RE.match(cond):
                 raise ValueError(
-                    f"gate condition {cond!r} is not of the form '<metric> <op> <number>' "
-                    "with op one of >=, <=, >, <, =="
+                    f"gate condition {cond!r} is not of the form '<metric> <op> <number>' or "
+                    "'<metric> <op> champion [+|-|* <number>]' with op one of >=, <=, >, <, =="
                 )
         return v
 
@@ -162,6 +213,7 @@ class Config(Strict):
     graph: GraphOptions = Field(default_factory=GraphOptions)
     features: FeatureOptions = Field(default_factory=FeatureOptions)
     method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     #: directory of the YAML file (relative table paths resolve against it); not a user key

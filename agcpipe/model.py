@@ -151,18 +151,47 @@ class ModelBundle:
         return Graph.open(out)
 
     def _check_schema(self, g: Graph) -> None:
+        """The graph's features must be the model's: the same columns in the same order when both are
+        named (a reordered table would silently permute the features), else the same number."""
         want = int(self.spec["n_features"])
+        names = list(self.spec.get("feature_names") or [])
+        got = list(g.manifest.get("feature_names") or [])
+        where = _source_file(g)
+        hint = "assign needs the feature columns of the training graph, in the same order"
+        if names and got and names != got:
+            missing = [n for n in names if n not in set(got)]
+            extra = [n for n in got if n not in set(names)]
+            if missing or extra:
+                parts = [f"missing {_few(missing)}"] if missing else []
+                parts += [f"not in the model {_few(extra)}"] if extra else []
+                problem = f"the graph's feature columns do not match the model's: {'; '.join(parts)} (model: {len(names)} columns {_few(names)})"
+            else:
+                diff = [f"position {i}: {b!r} where the model has {a!r}" for i, (a, b) in enumerate(zip(names, got)) if a != b]
+                problem = f"the graph has the model's feature columns in a different order: {'; '.join(diff[:5])}{' ...' if len(diff) > 5 else ''}"
+            raise InputError(problem, file=where, hint=hint)
         if g.n_features != want:
             raise InputError(
-                f"the graph has {g.n_features} features per node but the model was trained on {want}",
-                file=g.path,
-                hint="assign needs the same feature columns as the training graph",
+                f"the graph has {g.n_features} features per node but the model was trained on {want}"
+                + (f" (model columns: {_few(names)})" if names else ""),
+                file=where,
+                hint=hint,
             )
-        names = self.spec.get("feature_names")
-        got = g.manifest.get("feature_names")
-        if names and got and list(names) != list(got):
-            diff = [f"{a}!={b}" for a, b in zip(names, got) if a != b][:5]
-            raise InputError(f"feature columns differ from the model's: {diff}", file=g.path)
+
+
+def _source_file(g: Graph) -> str:
+    """What to name in a schema error: the nodes table of a tables source, else the source / graph folder."""
+    src = g.manifest.get("source") or {}
+    if isinstance(src, dict):
+        for k in ("nodes", "path"):
+            if src.get(k):
+                return str(src[k])
+        if src.get("name"):
+            return f"{src.get('type', 'source')} {src['name']}"
+    return str(g.path)
+
+
+def _few(names: list[str], n: int = 6) -> str:
+    return "[" + ", ".join(repr(x) for x in names[:n]) + (f", ... {len(names) - n} more]" if len(names) > n else "]")
 
 
 def is_graph_dir(path: str | Path) -> bool:

@@ -40,7 +40,7 @@ class StageCachePolicy(CachePolicy):
         key = get_stage(self.stage).key(cfg, *upstream)
         prefect_key = f"{self.stage}-{key}"
         store = Store(store_root(cfg.store))
-        if not store.is_valid(self.stage, key):
+        if store.get(self.stage, key) is None:  # get() also marks a valid artifact as used (cache gc)
             (store.root / RESULTS_DIR / prefect_key).unlink(missing_ok=True)
         return prefect_key
 

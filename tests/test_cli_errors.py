@@ -136,7 +136,9 @@ def test_n_clusters_out_of_range(tables, capsys, home, k, msg):
 
 def test_unknown_config_key_and_method(tables, capsys):
     _run_fails(_config(tables), capsys, "unknown config key 'cluster.n_clusterz'", sets=["cluster.n_clusterz=3"])
-    _run_fails(_config(tables), capsys, "unknown method 'dmon2'", "kmeans, ppr, sgc, ssgc", sets=["method.name=dmon2"])
+    from agcpipe.methods import registry
+
+    _run_fails(_config(tables), capsys, "unknown method 'dmon2'", "known methods: " + ", ".join(registry.known()), sets=["method.name=dmon2"])
 
 
 def test_graphdata_npz_needs_trust(datasets, tmp_path, capsys, home):

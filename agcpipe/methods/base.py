@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..config import ClusterConfig
+from ..config import ClusterConfig, TrainConfig
 from ..data.graph import Graph
 
 
@@ -45,6 +45,13 @@ class MethodContext:
     work_dir: Path
     #: ``log(metrics, step)`` records per-step metrics (losses); a no-op outside tracked runs
     log: Callable[[dict[str, float], int], None] = field(default=lambda metrics, step: None)
+    #: generic training settings (``train:`` in the config); None outside a run (assign): defaults apply
+    train: TrainConfig | None = None
+    #: where a trainable method keeps resumable checkpoints (train stage: outside the temp artifact,
+    #: ``<store>/.checkpoints/train/<key>/``, removed once the artifact is published); None = no checkpoints
+    checkpoint_dir: Path | None = None
+    #: where the training engine writes the loss history (train stage: ``<artifact>/history.parquet``)
+    history_path: Path | None = None
 
 
 @dataclass

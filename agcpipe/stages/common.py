@@ -41,7 +41,16 @@ def precomputed(p: StageResult) -> dict[str, np.ndarray]:
     return {name: np.load(Path(p.path) / f"{name}.npy", mmap_mode="r") for name in p.summary["ops"]}
 
 
-def method_context(cfg: Config, g: StageResult, p: StageResult, state_dir: Path, work_dir: Path) -> MethodContext:
+def method_context(
+    cfg: Config,
+    g: StageResult,
+    p: StageResult,
+    state_dir: Path,
+    work_dir: Path,
+    *,
+    checkpoint_dir: Path | None = None,
+    history_path: Path | None = None,
+) -> MethodContext:
     return MethodContext(
         graph=Graph.open(g.path),
         features=precomputed(p),
@@ -50,6 +59,9 @@ def method_context(cfg: Config, g: StageResult, p: StageResult, state_dir: Path,
         device=resolve_device(cfg.device),
         state_dir=state_dir,
         work_dir=work_dir,
+        train=cfg.train,
+        checkpoint_dir=checkpoint_dir,
+        history_path=history_path,
     )
 
 
