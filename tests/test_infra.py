@@ -50,7 +50,7 @@ def test_local_stack_schedules_and_runs_flows(tmp_path, monkeypatch):
             states = [run_deployment("agcpipe/nightly-default", parameters={"overrides": SMALL}, timeout=400).state for _ in range(2)]
             assert [s.name for s in states] == ["Completed", "Completed"], states
 
-            client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+            client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
             exp = client.get_experiment_by_name("agcpipe")
             runs = client.search_runs([exp.experiment_id], "tags.`agcpipe.config` = 'infra-test'", order_by=["start_time ASC"])
             parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

@@ -149,25 +149,6 @@ def test_alias_history_promote_rollback_and_models_cli(home, monkeypatch, capsys
 
 
 # ------------------------------------------------------------------------------------------ assign schema
-@pytest.fixture
-def restore_mlflow_uris(monkeypatch):
-    """`agcpipe assign` calls mlflow.set_tracking_uri / set_registry_uri, which also export
-    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI: undo both after the test, so later tests in the session do
-    not talk to this test's (deleted) database."""
-    import mlflow.tracking._model_registry.utils as registry_utils
-    import mlflow.tracking._tracking_service.utils as tracking_utils
-
-    monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
-    monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        old = os.environ.get(var)
-        monkeypatch.setenv(var, "placeholder")  # records the old value (or its absence) for teardown
-        if old is None:
-            monkeypatch.delenv(var)
-        else:
-            monkeypatch.setenv(var, old)
-
-
 def _tables(d: Path, columns: list[str], n: int = 120, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     comm = np.arange(n) % 3
@@ -187,7 +168,7 @@ def _source_yaml(d: Path) -> Path:
     return p
 
 
-def test_assign_refuses_a_graph_whose_feature_schema_differs(home, restore_mlflow_uris, tmp_path, capsys):
+def test_assign_refuses_a_graph_whose_feature_schema_differs(home, tmp_path, capsys):
     train = tmp_path / "train"
     train.mkdir()
     _tables(train, ["a", "b", "c", "d"])
