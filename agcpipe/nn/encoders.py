@@ -218,11 +218,16 @@ class Encoder(nn.Module):
                 return conv(x, edge_index)
             keep = edge_index[1] < rows  # bipartite: every source row -> the first ``rows`` rows
             return conv((x, x[:rows]), edge_index[:, keep])
-        # GCNConv(normalize=False) unrolled: S (X W) + b, or (S X) W + b when that is cheaper (in < out);
-        # S is the prepared sparse CSR adjacency, cut to the output rows
+        # GCNConv(normalize=False) unrolled: S (X W) + b, or (S X) W + b, whichever costs fewer multiply-adds;
+        # S is the prepared sparse CSR adjacency, cut to the output rows. With the rows cut (a trimmed
+        # mini-batch layer) S-first wins even for in == out: X W would transform every sampled input row
+        # while only n_out of them are kept (measured: 20 CCA-SSG steps of a 512-512 GCN, 55 s -> 26 s).
         adj = _first_rows(edge_index, n_out, ncols=x.size(0))
         weight = conv.lin.weight
-        if not sparse_x and weight.size(0) > weight.size(1):
+        d_out, d_in = weight.shape
+        nnz = adj._nnz()
+        s_first = nnz * d_in + n_out * d_in * d_out < x.size(0) * d_in * d_out + nnz * d_out
+        if not sparse_x and s_first:
             h = conv.lin(_spmm(adj, x, amp))
         else:
             h = torch.sparse.mm(x, weight.t()) if sparse_x else conv.lin(x)
