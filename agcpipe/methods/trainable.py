@@ -61,7 +61,7 @@ class EncoderParams(Params):
     hidden: int = Field(512, ge=1, description="width of the hidden layers (and of the output unless 'out')")
     layers: int = Field(1, ge=1)
     out: int | None = Field(None, ge=1, description="embedding size (last layer); None = hidden")
-    activation: Literal["relu", "prelu", "elu", "leaky_relu", "tanh", "sigmoid", "identity"] = "prelu"
+    activation: Literal["relu", "prelu", "elu", "selu", "leaky_relu", "tanh", "sigmoid", "identity"] = "prelu"
     last_activation: bool = Field(True, description="norm + activation after the last layer too")
     norm: Literal["none", "batch", "layer"] = "none"
     dropout: float = Field(0.0, ge=0, lt=1)

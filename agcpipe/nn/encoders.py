@@ -47,6 +47,7 @@ def activation(name: str, dim: int) -> nn.Module:
     return {
         "relu": nn.ReLU,
         "elu": nn.ELU,
+        "selu": nn.SELU,
         "leaky_relu": nn.LeakyReLU,
         "tanh": nn.Tanh,
         "sigmoid": nn.Sigmoid,
