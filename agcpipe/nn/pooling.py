@@ -80,6 +80,22 @@ Usage::
     spectral, ortho, collapse = dmon_loss_sparse(s, sub, deg[idx], two_m, symmetric=True)
     mincut, ortho = mincut_loss_sparse(s, sub, deg[idx], symmetric=True)
 
+Row estimator (node batches with their neighbourhoods; :func:`dmon_loss_rows`, :func:`mincut_loss_rows`,
+:func:`sampled_adj_rows`). Induced subgraphs of uniform node batches hold few edges on large sparse graphs
+(``~E (b / N)^2``: ~10 of 10M edges for b = 1024, N = 1M), so their pair sums are mostly noise. Instead,
+write every pair sum as a sum over rows, ``Tr(S^T A S) = sum_i S_i . (A S)_i``, and estimate the rows
+``(A S)_i`` of the ``b`` uniformly drawn batch nodes from ``k`` neighbours drawn (with replacement) from
+each node's whole-graph adjacency row: ``(A S)_i ~ cnt_i / k * sum_{draws j} A_ij S_j`` (``cnt_i`` = stored
+entries of row i), an unbiased estimate. With ``r = N / b``::
+
+    L_s    = -1/(2m) * ( r sum_{i in B} S_i . (A S)_i - r^2 ||S_B^T d_B||^2 / (2m) )
+    L_cut  = - sum_{i in B} S_i . (A S)_i / sum_{i in B} d_i ||S_i||^2
+    L_c, L_o as above, over the batch rows
+
+``d_B`` are whole-graph degrees and ``2m`` the whole graph's degree sum. The pair term is unbiased; the
+null-model term and the ratio are plug-in estimators (bias O(1/b)). With ``B = V`` and exact rows
+(``a_s = A S``) they equal the full-graph losses exactly (tested).
+
 Peak memory (bytes; ``v`` = value size, 4 for float32, ``i`` = index size, 4 or 8):
 
 * dense layers: ``v (2 B N^2 + 3 B N C + B N F + B C F + 2 B C^2)`` (the masked adjacency copy, S, A S,
@@ -115,6 +131,10 @@ __all__ = [
     "sparse_mincut_pool",
     "dmon_loss_sparse",
     "mincut_loss_sparse",
+    "dmon_loss_rows",
+    "mincut_loss_rows",
+    "sampled_adj_rows",
+    "collapse_loss",
     "orthogonality_loss",
     "NodeScore",
     "cluster_topk",
@@ -199,6 +219,15 @@ def orthogonality_loss(ss: Tensor) -> Tensor:
     eye = torch.eye(c, dtype=ss.dtype, device=ss.device)
     nrm = torch.linalg.matrix_norm(ss, keepdim=True).clamp_min(EPS)
     return torch.linalg.matrix_norm(ss / nrm - eye / math.sqrt(c))
+
+
+def collapse_loss(s: Tensor) -> Tensor:
+    r"""DMoN's collapse regulariser of one assignment (n x C): ``sqrt(C) / n ||sum_i S_i||_F - 1``.
+
+    0 when the clusters have equal (soft) sizes, ``sqrt(C) - 1`` when everything is in one cluster.
+    """
+    n, c = s.shape
+    return torch.linalg.vector_norm(s.sum(0)) / max(n, 1) * math.sqrt(c) - 1
 
 
 def _trace(a: Tensor) -> Tensor:
@@ -545,15 +574,14 @@ def _sparse_inputs(s: Tensor, adj: Any, edge_weight: Tensor | None) -> Tensor:
 def _dmon_terms(
     s: Tensor, a_s: Tensor, degree: Tensor, two_m: Tensor | float | None, num_nodes_total: int | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    n, c = s.shape
+    n = s.size(0)
     two_m = degree.sum() if two_m is None else torch.as_tensor(two_m, dtype=s.dtype, device=s.device)
     two_m = two_m.clamp_min(EPS)
     scale = 1.0 if num_nodes_total is None else (num_nodes_total / max(n, 1)) ** 2
     ca = degree.to(s.dtype) @ s  # C: S^T d
     spectral = -scale * ((s * a_s).sum() - (ca * ca).sum() / two_m) / two_m
     ortho = orthogonality_loss(s.t() @ s)
-    cluster = torch.linalg.vector_norm(s.sum(0)) / max(n, 1) * math.sqrt(c) - 1
-    return spectral, ortho, cluster
+    return spectral, ortho, collapse_loss(s)
 
 
 def _mincut_terms(
@@ -620,6 +648,56 @@ def mincut_loss_sparse(
     a = _sparse_inputs(s, adj, edge_weight)
     deg = sparse_degree(a) if degree is None else degree
     return _mincut_terms(s, _spmm(a, s, symmetric), deg, num_nodes_total)
+
+
+def sampled_adj_rows(s_partner: Tensor, row: Tensor, weight: Tensor, n_rows: int) -> Tensor:
+    r"""Estimate of rows of ``A S`` from sampled entries: ``out[row[e]] += weight[e] * s_partner[e]``.
+
+    ``row`` (E_s): which output row each sampled entry belongs to; ``s_partner`` (E_s x C): the assignment of
+    its column node; ``weight`` (E_s): ``A_ij * cnt_i / k`` for ``k`` uniform draws with replacement from
+    row i's ``cnt_i`` stored entries (unbiased), or ``A_ij`` when row i's entries are all listed (exact).
+    Differentiable in ``s_partner``. Memory ``v (n_rows + E_s) C``.
+    """
+    out = s_partner.new_zeros(n_rows, s_partner.size(-1))
+    return out.index_add(0, row, s_partner * weight.to(s_partner.dtype).unsqueeze(-1))
+
+
+def dmon_loss_rows(
+    s: Tensor,
+    a_s: Tensor,
+    degree: Tensor,
+    two_m: Tensor | float,
+    *,
+    num_nodes_total: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""DMoN losses from a uniform node batch and (estimates of) its rows of ``A S`` (module docstring).
+
+    Args:
+        s: soft assignment (probabilities) of the ``b`` batch nodes, b x C.
+        a_s: their rows of ``A S`` over the *whole* graph, b x C (exact, or :func:`sampled_adj_rows`).
+        degree: their whole-graph (weighted) degrees, b.
+        two_m: the whole graph's degree sum.
+        num_nodes_total: the whole graph's N (default: b, i.e. the batch is the whole graph).
+
+    Returns ``(spectral_loss, ortho_loss, cluster_loss)``; equal to :func:`dmon_loss_sparse` when the batch
+    is the whole graph and ``a_s = A S``. Time and memory O(b C^2).
+    """
+    n = s.size(0)
+    r = 1.0 if num_nodes_total is None else num_nodes_total / max(n, 1)
+    two_m = torch.as_tensor(two_m, dtype=s.dtype, device=s.device).clamp_min(EPS)
+    ca = r * (degree.to(s.dtype) @ s)  # estimate of S^T d
+    spectral = -(r * (s * a_s).sum() - (ca * ca).sum() / two_m) / two_m
+    return spectral, orthogonality_loss(s.t() @ s), collapse_loss(s)
+
+
+def mincut_loss_rows(s: Tensor, a_s: Tensor, degree: Tensor) -> tuple[Tensor, Tensor]:
+    r"""MinCut losses ``(mincut_loss, ortho_loss)`` from a uniform node batch and its rows of ``A S``.
+
+    ``-sum_B S_i . (A S)_i / sum_B d_i ||S_i||^2`` (whole-graph degrees ``degree``): numerator and
+    denominator estimate ``Tr(S^T A S)`` and ``Tr(S^T D S)`` with the same factor ``N / b``, which cancels.
+    Equal to :func:`mincut_loss_sparse` for the whole graph. Time and memory O(b C^2).
+    """
+    return _mincut_terms(s, a_s, degree, None)
 
 
 def sparse_pool(
