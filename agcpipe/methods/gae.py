@@ -74,24 +74,32 @@ class GAE(TrainableMethod):
         return _PairBatches(run, self.params["neg_ratio"])
 
     def loss(self, model, batch, run: TrainRun):
-        import torch
-        import torch.nn.functional as F
-
         from ..train.engine import LossOutput
 
         z = encode_batch(model.encoder, batch)
-        if "pos_edge_index" in batch:  # full batch: every edge, fresh uniform negatives
-            pos = batch.pos_edge_index
-            m = pos.size(1) * self.params["neg_ratio"]
-            n = batch.num_nodes
-            neg = torch.randint(n, (2, m), generator=run.generator).to(z.device)
-        else:
-            pos, neg = batch.pos_pairs, batch.neg_pairs
-        pos_score = (z[pos[0]] * z[pos[1]]).sum(-1)
-        neg_score = (z[neg[0]] * z[neg[1]]).sum(-1)
-        loss_pos = F.softplus(-pos_score.float()).mean()  # -log sigma(s)
-        loss_neg = F.softplus(neg_score.float()).mean()  # -log(1 - sigma(s))
+        loss_pos, loss_neg = recon_loss(z, batch, self.params["neg_ratio"], run.generator)
         return LossOutput(loss_pos + loss_neg, {"loss_pos": loss_pos.detach(), "loss_neg": loss_neg.detach()})
+
+
+def recon_loss(z, batch, neg_ratio: int, generator):
+    """GAE's edge reconstruction loss of a batch from :meth:`GAE.batches`: ``(loss_pos, loss_neg)``.
+
+    ``z``: the encoder's rows of the batch (full graph, or the seed rows of a :class:`_PairBatches` batch).
+    Full batch: every edge (``batch.pos_edge_index``) against ``neg_ratio`` times as many uniform pairs;
+    mini-batch: the batch's ``pos_pairs`` / ``neg_pairs``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if "pos_edge_index" in batch:  # full batch: every edge, fresh uniform negatives
+        pos = batch.pos_edge_index
+        m = pos.size(1) * neg_ratio
+        neg = torch.randint(batch.num_nodes, (2, m), generator=generator).to(z.device)
+    else:
+        pos, neg = batch.pos_pairs, batch.neg_pairs
+    pos_score = (z[pos[0]] * z[pos[1]]).sum(-1)
+    neg_score = (z[neg[0]] * z[neg[1]]).sum(-1)
+    return F.softplus(-pos_score.float()).mean(), F.softplus(neg_score.float()).mean()  # -log sigma(s), -log(1 - sigma(s))
 
 
 class _PairBatches:

@@ -64,6 +64,70 @@ class Node2VecParams(TrainableParams):
     unseen_hops: int = Field(3, ge=1, description="assign: rounds of neighbour averaging for unseen nodes")
 
 
+class TransductiveTable:
+    """Mixin for methods with a learned per-node table (Node2Vec's embeddings, S3GC's node embeddings).
+
+    Saves the training nodes' original ids (``keys.parquet``) and the training graph's size and
+    fingerprint with the state, and gives :meth:`table_rows`: the table's rows for any graph -- the table
+    itself on the training graph, else rows matched by key, new nodes filled from their neighbours (see the
+    module docstring; ``unseen`` / ``unseen_hops`` parameters). After a call, ``self._unreached`` is the
+    mask of nodes that got the table's mean (None when there were none).
+    """
+
+    def fit(self, ctx: MethodContext) -> dict[str, Any]:
+        self._graph_keys = ctx.graph.keys()  # the training nodes' original ids, saved with the state
+        return super().fit(ctx)
+
+    def model_spec(self, in_dim: int, ctx: MethodContext) -> dict[str, Any]:
+        return {**super().model_spec(in_dim, ctx), "n_nodes": ctx.graph.n_nodes, "graph_fingerprint": ctx.graph.fingerprint}
+
+    def save_model(self, state_dir, model, spec, plan) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        super().save_model(state_dir, model, spec, plan)
+        pq.write_table(pa.table({"key": self._graph_keys}), Path(state_dir) / "keys.parquet")
+
+    def table_rows(self, ctx: MethodContext, table: np.ndarray) -> np.ndarray:
+        """``table`` (training nodes x dim) on ``ctx.graph``: itself on the training graph, else matched by key."""
+        spec = self.load_spec(ctx.state_dir)
+        self._unreached = None
+        if ctx.graph.fingerprint == spec["graph_fingerprint"]:
+            return table
+        return self._embed_other(ctx, table)
+
+    def _embed_other(self, ctx: MethodContext, table: np.ndarray) -> np.ndarray:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        from ..errors import InputError
+
+        g = ctx.graph
+        train_keys = pq.read_table(ctx.state_dir / "keys.parquet").column("key").combine_chunks()
+        keys = g.keys().combine_chunks()
+        if keys.type != train_keys.type:
+            keys = keys.cast(train_keys.type)
+        idx = pc.index_in(keys, value_set=train_keys).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        known = idx >= 0
+        n_unseen = int((~known).sum())
+        if n_unseen and self.params["unseen"] == "error":
+            first = np.flatnonzero(~known)[:5]
+            raise InputError(
+                f"{self.name} is transductive and {n_unseen} nodes are not in its training graph",
+                file=g.path,
+                values=[keys[int(i)].as_py() for i in first],
+                hint="train on a graph that contains them, or set method.params.unseen: neighbors",
+            )
+        emb = np.zeros((g.n_nodes, table.shape[1]), dtype=np.float32)
+        emb[known] = table[idx[known]]
+        if n_unseen:
+            known = _fill_from_neighbors(g, emb, known, self.params["unseen_hops"])
+            if not known.all():
+                emb[~known] = table.mean(0)
+                self._unreached = ~known
+        return emb
+
+
 @register(
     "node2vec",
     family="decoupled",
@@ -71,7 +135,7 @@ class Node2VecParams(TrainableParams):
     description="node2vec random walks + skip-gram with negative sampling, then KMeans (Grover & Leskovec, 2016)",
     code=TRAINABLE_CODE,
 )
-class Node2Vec(TrainableMethod):
+class Node2Vec(TransductiveTable, TrainableMethod):
     train_defaults = {"batch_size": 128, "fanout": [], "patience": 20}
     auto_full_batch = False  # SGD over walk batches is the method; full batch only when asked for
 
@@ -136,20 +200,6 @@ class Node2Vec(TrainableMethod):
         loss_neg = F.softplus(window_scores(model.embedding, neg_walks, c)).mean()
         return LossOutput(loss_pos + loss_neg, {"loss_pos": loss_pos.detach(), "loss_neg": loss_neg.detach()})
 
-    def model_spec(self, in_dim: int, ctx: MethodContext) -> dict[str, Any]:
-        return {"in_dim": 0, "n_nodes": ctx.graph.n_nodes, "graph_fingerprint": ctx.graph.fingerprint}
-
-    def save_model(self, state_dir, model, spec, plan) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        super().save_model(state_dir, model, spec, plan)
-        pq.write_table(pa.table({"key": self._graph_keys}), Path(state_dir) / "keys.parquet")
-
-    def fit(self, ctx: MethodContext) -> dict[str, Any]:
-        self._graph_keys = ctx.graph.keys()  # the training nodes' original ids, saved with the state
-        return super().fit(ctx)
-
     # ------------------------------------------------------------------------------ embedding
     def load_table(self, ctx: MethodContext) -> np.ndarray:
         from ..train.checkpoint import load_weights
@@ -159,43 +209,7 @@ class Node2Vec(TrainableMethod):
 
     def embed(self, ctx: MethodContext) -> np.ndarray:
         """The learned table for the training graph; on another graph, see the module docstring."""
-        spec = self.load_spec(ctx.state_dir)
-        table = self.load_table(ctx)
-        self._unreached = None
-        if ctx.graph.fingerprint == spec["graph_fingerprint"]:
-            return table
-        return self._embed_other(ctx, table)
-
-    def _embed_other(self, ctx: MethodContext, table: np.ndarray) -> np.ndarray:
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        from ..errors import InputError
-
-        g = ctx.graph
-        train_keys = pq.read_table(ctx.state_dir / "keys.parquet").column("key").combine_chunks()
-        keys = g.keys().combine_chunks()
-        if keys.type != train_keys.type:
-            keys = keys.cast(train_keys.type)
-        idx = pc.index_in(keys, value_set=train_keys).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-        known = idx >= 0
-        n_unseen = int((~known).sum())
-        if n_unseen and self.params["unseen"] == "error":
-            first = np.flatnonzero(~known)[:5]
-            raise InputError(
-                f"node2vec is transductive and {n_unseen} nodes are not in its training graph",
-                file=g.path,
-                values=[keys[int(i)].as_py() for i in first],
-                hint="train on a graph that contains them, or set method.params.unseen: neighbors",
-            )
-        emb = np.zeros((g.n_nodes, table.shape[1]), dtype=np.float32)
-        emb[known] = table[idx[known]]
-        if n_unseen:
-            known = _fill_from_neighbors(g, emb, known, self.params["unseen_hops"])
-            if not known.all():
-                emb[~known] = table.mean(0)
-                self._unreached = ~known
-        return emb
+        return self.table_rows(ctx, self.load_table(ctx))
 
     def assign(self, ctx: MethodContext, embeddings: np.ndarray, centers: np.ndarray, cfg) -> Clustering:
         result = super().assign(ctx, embeddings, centers, cfg)

@@ -12,9 +12,16 @@ O(walkers x length) with no Python loop over nodes (torch-cluster's ``random_wal
   every walker at once (``log2(max degree)`` vectorised rounds); the canonical CSR has sorted rows.
 
 A walker at a node without neighbours stays there (torch-cluster's convention). Edge weights are ignored.
+``self_loops=True`` walks on ``A + I`` without building it: each step also may stay put, with probability
+``1 / (deg + 1)`` (MAGI's walks, whose adjacency has self-loops added).
+
+:func:`visit_counts` aggregates walks into (walker's source, visited node, times visited) triples, all
+sources at once (one ``torch.unique`` over ``source * N + node`` keys): the co-occurrence statistics of
+S3GC- and MAGI-style positive sampling.
 
 Memory (bytes): ``8 (N + 1)`` (int64 offsets) plus the CSR indices used in place; a batch of ``W``
-walkers of length ``L`` holds ``8 W (L + 1)`` for the walks and ~``40 W`` of per-step scratch.
+walkers of length ``L`` holds ``8 W (L + 1)`` for the walks and ~``40 W`` of per-step scratch;
+:func:`visit_counts` ~``40 W L`` (keys, sort, counts).
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ class RandomWalkSampler:
     Args:
         indptr, indices: the CSR adjacency (rows sorted; memory-mapped arrays used in place).
         p: return parameter; q: in-out parameter (``p = q = 1``: uniform walks, no rejection).
+        self_loops: walk on ``A + I`` (a step stays put with probability ``1 / (deg + 1)``).
         generator: torch generator (default: one seeded with ``seed``).
     """
 
@@ -41,6 +49,7 @@ class RandomWalkSampler:
         *,
         p: float = 1.0,
         q: float = 1.0,
+        self_loops: bool = False,
         generator: torch.Generator | None = None,
         seed: int = 0,
     ):
@@ -51,6 +60,7 @@ class RandomWalkSampler:
         self.num_nodes = self.indptr.numel() - 1
         self.deg = self.indptr[1:] - self.indptr[:-1]
         self.p, self.q = float(p), float(q)
+        self.self_loops = bool(self_loops)
         self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
         self._max_deg_bits = max(1, int(self.deg.max()).bit_length()) if self.num_nodes else 1
 
@@ -60,10 +70,11 @@ class RandomWalkSampler:
 
     def _uniform_neighbor(self, cur: Tensor) -> Tensor:
         d = self.deg[cur]
-        r = torch.floor(torch.rand(cur.numel(), generator=self.generator, dtype=torch.float64) * d.double()).long()
-        r = torch.minimum(r, (d - 1).clamp_min(0))
+        slots = d + 1 if self.self_loops else d  # with self-loops, slot ``d`` is the node itself
+        r = torch.floor(torch.rand(cur.numel(), generator=self.generator, dtype=torch.float64) * slots.double()).long()
+        r = torch.minimum(r, (slots - 1).clamp_min(0))
         nxt = self.indices[(self.indptr[cur] + r).clamp_max(max(self.indices.numel() - 1, 0))].long() if self.indices.numel() else cur
-        return torch.where(d > 0, nxt, cur)
+        return torch.where(r < d, nxt, cur)
 
     def is_neighbor(self, u: Tensor, v: Tensor) -> Tensor:
         """Whether ``v[i]`` is in CSR row ``u[i]`` (vectorised binary search over sorted rows)."""
@@ -120,6 +131,23 @@ class RandomWalkSampler:
         start = start.long().flatten()
         rnd = torch.randint(self.num_nodes, (start.numel(), walk_length), generator=self.generator)
         return torch.cat([start[:, None], rnd], dim=1)
+
+
+def visit_counts(walks: Tensor, source: Tensor, num_nodes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """How often each walk source visited each node: ``(source, node, count)``, sorted by source, then node.
+
+    ``walks``: ``W x (L + 1)`` (column 0, the start, is not a visit); ``source``: int64 ``W``, the id each
+    walk counts for (e.g. its start's position in a batch; several walks may share one). Every later
+    column is a visit, revisits counted. Memory ~``40 W L`` bytes.
+    """
+    steps = walks[:, 1:]
+    if steps.numel() == 0:
+        empty = torch.empty(0, dtype=torch.long)
+        return empty, empty, empty
+    with single_thread():
+        keys = source.long().view(-1, 1) * num_nodes + steps.long()
+        uniq, counts = torch.unique(keys.flatten(), return_counts=True)
+    return uniq // num_nodes, uniq % num_nodes, counts
 
 
 def context_windows(walks: Tensor, context_size: int) -> Tensor:
