@@ -11,6 +11,12 @@ A canonical graph is a folder::
     csr_indptr.npy     int64 N+1   \
     csr_indices.npy    int32 when N < 2**31 else int64 (int32 makes torch's CSR x dense ~4x faster here)
     csr_weights.npy    float32 nnz, only when the graph is weighted (else every entry weighs 1)
+    order.npy          int64 N, only when ``graph.reorder`` is not ``none``: the input row (the position in
+                       the source's node order) of each node; ``manifest["order"]`` names the method
+
+Node ids are the rows of this folder. Without reordering they follow the source's node order; with
+``graph.reorder`` they follow the locality order of :mod:`agcpipe.data.reorder`, and ``key`` (the user's
+id; the input row when the source has none) is what outputs report.
 
 The CSR holds the adjacency A used by every operator: rows = source, columns sorted within a row, both
 directions present for undirected graphs, no self-loops unless kept by config. The artifact carries no
@@ -36,6 +42,7 @@ FEATURES = "features.npy"
 INDPTR = "csr_indptr.npy"
 INDICES = "csr_indices.npy"
 WEIGHTS = "csr_weights.npy"
+ORDER = "order.npy"
 
 
 def index_dtype(n_nodes: int) -> np.dtype:
@@ -109,6 +116,11 @@ class Graph:
     @cached_property
     def features(self) -> np.ndarray:
         return self._load(FEATURES)
+
+    @cached_property
+    def order(self) -> np.ndarray | None:
+        """Input row of each node (``graph.reorder``), or None when the graph keeps the input order."""
+        return self._load(ORDER) if self.manifest.get("order") else None
 
     # ---- node table
     def nodes_table(self, columns: list[str] | None = None) -> pa.Table:

@@ -10,11 +10,18 @@ file sources hash every input file completely up to ``full_hash_limit`` bytes; a
 identified by its size, ``mtime_ns`` and a sampled sha256 over :data:`SAMPLE_BLOCKS` blocks of 1 MiB
 (the first, the last and evenly spaced ones between), so an edit that keeps size and mtime and touches
 no sampled block goes unnoticed. Synthetic sources are identified by their generator parameters.
+
+Digest cache: with ``cache=<json file>`` (the ingest stage passes ``<store>/.cache/file-digests.json``)
+a full-hash digest is reused while the file's device, inode, size, ``mtime_ns`` and ``ctime_ns`` are
+unchanged (``ctime`` moves on every write and cannot be set back by a user or a copy tool), so a re-run
+over gigabytes of unchanged input files costs a ``stat`` per file, not a read.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +78,17 @@ def _abs(p: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------ fingerprint
-def source_fingerprint(source: AnySource, *, full_hash_limit: int = 256 * 2**20) -> dict[str, Any]:
+def source_fingerprint(
+    source: AnySource, *, full_hash_limit: int = 256 * 2**20, cache: str | Path | None = None
+) -> dict[str, Any]:
     """What identifies the input of a (resolved) source; see the module docstring."""
     if isinstance(source, SyntheticSource):
         # chunk_nodes changes how the graph is written, not what is written
         return {"kind": "generator", "params": source.model_dump(mode="json", exclude={"chunk_nodes"})}
-    return {"kind": "files", "files": [_file_entry(p, full_hash_limit) for p in _input_files(source)]}
+    digests = _DigestCache(Path(cache) if cache is not None else None)
+    files = [_file_entry(p, full_hash_limit, digests) for p in _input_files(source)]
+    digests.save()
+    return {"kind": "files", "files": files}
 
 
 def _input_files(source: PlanetoidSource | NpzSource | TableSource) -> list[Path]:
@@ -88,14 +100,52 @@ def _input_files(source: PlanetoidSource | NpzSource | TableSource) -> list[Path
     return table_files(source.edges, source.format)[0] + table_files(source.nodes, source.format)[0]
 
 
-def _file_entry(path: Path, limit: int) -> dict[str, Any]:
+class _DigestCache:
+    """sha256 of files by ``(path, device, inode, size, mtime_ns, ctime_ns)``, kept in a JSON file."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path, self.entries, self.dirty = path, {}, False
+        if path is not None and path.is_file():
+            try:
+                self.entries = json.loads(path.read_text())
+            except (OSError, ValueError):
+                self.entries = {}
+
+    @staticmethod
+    def _stamp(st: os.stat_result) -> list[int]:
+        return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+    def get(self, path: Path, st: os.stat_result) -> str | None:
+        e = self.entries.get(str(path)) if self.path is not None else None
+        return e["sha256"] if e and e.get("stat") == self._stamp(st) else None
+
+    def put(self, path: Path, st: os.stat_result, digest: str) -> None:
+        if self.path is not None:
+            self.entries[str(path)] = {"stat": self._stamp(st), "sha256": digest}
+            self.dirty = True
+
+    def save(self) -> None:
+        if self.path is None or not self.dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".digests-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.entries, f)
+        os.replace(tmp, self.path)
+
+
+def _file_entry(path: Path, limit: int, cache: _DigestCache | None = None) -> dict[str, Any]:
     try:
         st = path.stat()
     except FileNotFoundError:
         raise InputError("file not found", file=path) from None
     if st.st_size <= limit:
-        with open(path, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        digest = cache.get(path, st) if cache is not None else None
+        if digest is None:
+            with open(path, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            if cache is not None:
+                cache.put(path, st, digest)
         return {"path": str(path), "size": st.st_size, "sha256": digest}
     h = hashlib.sha256()
     offsets = np.unique(np.linspace(0, max(st.st_size - SAMPLE_BLOCK, 0), SAMPLE_BLOCKS).astype(np.int64))

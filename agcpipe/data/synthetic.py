@@ -21,10 +21,13 @@ stream 0 the permutation, 1 the edges (blocks of :data:`EDGE_BLOCK` edges), 2 th
 (blocks of :data:`ROW_BLOCK` rows). Blocks are fixed, so the output depends on the parameters and the
 seed but not on ``chunk_nodes``, which only sets how many feature rows are written at a time.
 
-Peak memory: ``16 E`` (int64 endpoints) + ``24 n`` (permutation, its inverse, communities) + ``~100 x``
-:data:`EDGE_BLOCK` bytes of per-block temporaries + ``4 x chunk_nodes x d`` bytes: features are
-written into ``out_dir/features.npy`` one mapped chunk at a time (its dirty pages count as
-resident). 10M nodes / 100M edges / d=128 / 1M-row chunks: ~1.6 + 0.24 + 0.1 + 0.5 GB.
+Edges are streamed (:attr:`RawGraph.edge_chunks`): each block of :data:`EDGE_BLOCK` edges is generated
+when the canonical writer asks for it, so no E-sized array exists.
+
+Peak memory: ``24 n`` (permutation, its inverse, communities) + ``~100 x`` :data:`EDGE_BLOCK` bytes of
+per-block temporaries + ``4 x chunk_nodes x d`` bytes: features are written into
+``out_dir/features.npy`` one mapped chunk at a time (its dirty pages count as resident). 10M nodes /
+d=128 / 1M-row chunks: ~0.24 + 0.1 + 0.5 GB (plus the writer's bounded CSR build).
 """
 from __future__ import annotations
 
@@ -67,25 +70,24 @@ def generate_sbm(source: SyntheticSource, out_dir: Path) -> RawGraph:
 
     f_in = within_fraction(source)
     n_edges = max(1, round(n * source.avg_degree / 2))
-    src = np.empty(n_edges, dtype=np.int64)
-    dst = np.empty(n_edges, dtype=np.int64)
-    for b, a in enumerate(range(0, n_edges, EDGE_BLOCK)):
-        rng = _rng(seed, 1, b)
-        m = min(EDGE_BLOCK, n_edges - a)
-        u = rng.integers(0, n, m)
-        c = community[u]
-        size = sizes[c]
-        draw_in, draw_out, coin = rng.random(m), rng.random(m), rng.random(m)
-        # inside: one of the size - 1 other members (skip u's own slot in perm)
-        pos_in = starts[c] + (draw_in * (size - 1)).astype(np.int64)
-        pos_in += pos_in >= position[u]
-        # outside: one of the n - size nodes of the other communities (skip u's community's run)
-        pos_out = (draw_out * (n - size)).astype(np.int64)
-        pos_out += (pos_out >= starts[c]) * size
-        inside = ((coin < f_in) & (size > 1)) | (size == n)
-        src[a : a + m] = u
-        dst[a : a + m] = perm[np.where(inside, pos_in, pos_out)]
-    del position
+
+    def edge_chunks():
+        """The edges, one block of :data:`EDGE_BLOCK` at a time (each block from its own seeded stream)."""
+        for b, a in enumerate(range(0, n_edges, EDGE_BLOCK)):
+            rng = _rng(seed, 1, b)
+            m = min(EDGE_BLOCK, n_edges - a)
+            u = rng.integers(0, n, m)
+            c = community[u]
+            size = sizes[c]
+            draw_in, draw_out, coin = rng.random(m), rng.random(m), rng.random(m)
+            # inside: one of the size - 1 other members (skip u's own slot in perm)
+            pos_in = starts[c] + (draw_in * (size - 1)).astype(np.int64)
+            pos_in += pos_in >= position[u]
+            # outside: one of the n - size nodes of the other communities (skip u's community's run)
+            pos_out = (draw_out * (n - size)).astype(np.int64)
+            pos_out += (pos_out >= starts[c]) * size
+            inside = ((coin < f_in) & (size > 1)) | (size == n)
+            yield u, perm[np.where(inside, pos_in, pos_out)], None
 
     means = _rng(seed, 2).standard_normal((k, d))
     means -= means.mean(axis=0)
@@ -109,8 +111,9 @@ def generate_sbm(source: SyntheticSource, out_dir: Path) -> RawGraph:
 
     return RawGraph(
         n_nodes=n,
-        src=src,
-        dst=dst,
+        src=None,
+        dst=None,
+        edge_chunks=edge_chunks,
         features=out.array(),
         labels=community,
         label_classes=list(range(k)),

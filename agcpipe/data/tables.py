@@ -14,9 +14,15 @@ are 0-based data rows (CSV header excluded), counted across all files of a table
 * **edges**: ``source_column`` / ``target_column`` refer to node ids (``pyarrow.compute.index_in``);
   optional numeric ``weight_column``.
 
-Peak memory: ``N x (id bytes + 16)`` for ids and labels, one record batch, the endpoint columns
-``2 E x (id bytes + 4)`` plus the dense int64 endpoints ``16 E`` and weights ``4 E``. Features go
-straight to ``out_dir/features.npy`` (one batch resident at a time).
+Edges are streamed: the reader hands the canonical writer chunks of :data:`EDGE_CHUNK_ROWS` rows with
+dense ids (its external sort builds the CSR), so no E-sized array exists. Integer ids are looked up
+by binary search in the sorted node ids (nothing at all when the ids are 0..N-1 in order), string ids
+with ``pyarrow.compute.index_in`` per chunk.
+
+Peak memory: ``N x (id bytes + 16)`` for ids and labels (``+ 16 N`` for the sorted integer ids), one
+record batch, and one edge chunk: ``C x (2 id bytes + ~60)`` bytes for C = :data:`EDGE_CHUNK_ROWS` rows
+(columns, probes, dense ids, weights). Features go straight to ``out_dir/features.npy`` (one batch
+resident at a time).
 """
 from __future__ import annotations
 
@@ -42,10 +48,12 @@ from .raw import RawGraph
 
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 BATCH_ROWS = 65_536
+#: edge rows mapped to dense ids at once (batches are gathered up to this size)
+EDGE_CHUNK_ROWS = 1 << 22
 CSV_BLOCK = 16 * 2**20
 _INT_RE = r"^[+-]?[0-9]+$"
 _NUM_RE = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$|^[+-]?(?i:inf|infinity|nan)$"
-_CONVERSION_RE = re.compile(r"In CSV column #(\d+): CSV conversion error to (\w+): invalid value '(.*)'", re.S)
+_CONVERSION_RE = re.compile(r"In CSV column #(\d+): (?:Row #\d+: )?CSV conversion error to (\w+): invalid value '(.*)'", re.S)
 _GLOB_CHARS = set("*?[")
 
 
@@ -262,38 +270,137 @@ def read_tables(source: TableSource, out_dir: Path) -> RawGraph:
     if label_col:
         labels, classes = _encode_labels(_combine(label_chunks), nodes, label_col)
 
-    # ---- edges
+    # ---- edges: streamed to the canonical writer in chunks
     csv_types = {source.source_column: pa.string(), source.target_column: pa.string()}
     columns = [source.source_column, source.target_column]
     if source.weight_column:
         _require_numeric(edges, [source.weight_column])
         columns.append(source.weight_column)
         csv_types[source.weight_column] = pa.float32()
-    src_chunks, dst_chunks, w_chunks = [], [], []
-    for _, batch in edges.batches(columns, csv_types):
-        src_chunks.append(_as_key(batch.column(source.source_column), edges, source.source_column))
-        dst_chunks.append(_as_key(batch.column(source.target_column), edges, source.target_column))
-        if source.weight_column:
-            w_chunks.append(_to_float32(batch.column(source.weight_column)))
-    if not sum(len(c) for c in src_chunks):
+    lookup = _IdLookup(ids.combine_chunks())
+    keys = ids.cast(pa.string()) if pa.types.is_large_string(ids.type) else ids
+    del ids, id_chunks
+
+    def edge_chunks() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        bad = {source.source_column: _Missing(), source.target_column: _Missing()}
+        total = 0
+        for off, batch in _gathered(edges.batches(columns, csv_types), EDGE_CHUNK_ROWS):
+            ends = []
+            for column, miss in bad.items():
+                col = _as_key(batch.column(column), edges, column)
+                idx = lookup.dense(col)
+                missing = idx < 0
+                if missing.any():
+                    miss.add(np.flatnonzero(missing), col, off)
+                ends.append(idx)
+            total += batch.num_rows
+            if any(m.count for m in bad.values()):
+                continue  # only counting what is wrong from here on
+            w = _to_float32(batch.column(source.weight_column)) if source.weight_column else None
+            yield ends[0], ends[1], w
+        for column, miss in bad.items():
+            if miss.count:
+                raise InputError(
+                    f"edge endpoints that are not node ids of {nodes.spec}", file=edges.spec, column=column,
+                    rows=miss.rows, values=miss.values, count=miss.count, hint=edges.hint,
+                )
+        if total == 0:
+            raise InputError("the edges table has no rows", file=edges.spec)
+
+    if edges.fmt == "parquet" and edges.count_rows(source.source_column) == 0:
         raise InputError("the edges table has no rows", file=edges.spec)
-    lookup = ids.combine_chunks()
-    src = _dense(src_chunks, lookup, edges, source.source_column, nodes.spec)
-    del src_chunks
-    dst = _dense(dst_chunks, lookup, edges, source.target_column, nodes.spec)
-    del dst_chunks, lookup
     return RawGraph(
         n_nodes=n,
-        src=src,
-        dst=dst,
+        src=None,
+        dst=None,
+        edge_chunks=edge_chunks,
+        weighted=source.weight_column is not None,
         features=out.array(),
-        weight=np.concatenate(w_chunks) if source.weight_column else None,
         labels=labels,
         label_classes=classes,
-        keys=ids.cast(pa.string()) if pa.types.is_large_string(ids.type) else ids,
+        keys=keys,
         feature_names=None if list_col else feats,
         info={"format": nodes.fmt, "nodes_files": len(nodes.files), "edges_files": len(edges.files)},
     )
+
+
+def _gathered(batches: Iterator[tuple[int, pa.RecordBatch]], rows: int) -> Iterator[tuple[int, pa.Table]]:
+    """Consecutive record batches joined into tables of at least ``rows`` rows (the last may be smaller)."""
+    pending: list[pa.RecordBatch] = []
+    start = size = 0
+    for off, batch in batches:
+        if not pending:
+            start = off
+        pending.append(batch)
+        size += batch.num_rows
+        if size >= rows:
+            yield start, pa.Table.from_batches(pending).combine_chunks()
+            pending, size = [], 0
+    if pending:
+        yield start, pa.Table.from_batches(pending).combine_chunks()
+
+
+class _Missing:
+    """Edge rows whose endpoint is not a node id: the first few (rows, values) and the count."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.values: list[Any] = []
+        self.count = 0
+
+    def add(self, idx: np.ndarray, col: pa.Array, offset: int) -> None:
+        shown = idx[: MAX_SHOWN - len(self.rows)]
+        self.rows += (shown + offset).tolist()
+        self.values += col.take(pa.array(shown)).to_pylist() if shown.size else []
+        self.count += int(idx.size)
+
+
+class _IdLookup:
+    """Dense id (row in the nodes table) of endpoint ids; -1 where an id is not a node id.
+
+    Integer ids: identity when they are 0..N-1 in order, else binary search in the sorted ids
+    (``16 N`` bytes); string ids: ``pyarrow.compute.index_in``.
+    """
+
+    def __init__(self, ids: pa.Array) -> None:
+        self.type = ids.type
+        self.integer = pa.types.is_integer(ids.type)
+        self.identity = False
+        if self.integer:
+            keys = ids.to_numpy().astype(np.int64, copy=False)
+            n = keys.size
+            self.n = n
+            if n and keys[0] == 0 and keys[-1] == n - 1 and bool(np.all(np.diff(keys) == 1)):
+                self.identity = True
+            else:
+                self.sorter = np.argsort(keys, kind="stable")
+                self.sorted = keys[self.sorter]
+        else:
+            self.value_set = ids
+
+    def dense(self, col: pa.Array) -> np.ndarray:
+        if self.integer and not pa.types.is_integer(col.type):  # text endpoints of integer node ids
+            as_int = pc.if_else(pc.match_substring_regex(col, _INT_RE), col, pa.scalar(None, col.type))
+            try:
+                probe = as_int.cast(pa.int64())
+            except pa.ArrowInvalid:  # digits beyond int64: cannot be a node id
+                probe = pa.nulls(len(col), pa.int64())
+        else:
+            probe = col.cast(self.type)
+        if not self.integer:
+            return pc.index_in(probe, value_set=self.value_set).fill_null(-1).to_numpy().astype(np.int64)
+        valid = probe.is_valid().to_numpy(zero_copy_only=False)
+        v = probe.fill_null(-1).to_numpy().astype(np.int64, copy=False)
+        if self.identity:
+            out = v.copy()
+            out[~valid | (v < 0) | (v >= self.n)] = -1
+            return out
+        pos = np.searchsorted(self.sorted, v)
+        pos[pos >= self.n] = 0
+        found = valid & (self.sorted[pos] == v) if self.n else np.zeros(v.size, dtype=bool)
+        out = self.sorter[pos] if self.n else np.full(v.size, -1, dtype=np.int64)
+        out[~found] = -1
+        return out
 
 
 def _feature_columns(
