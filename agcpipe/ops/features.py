@@ -33,12 +33,17 @@ def compute_features(
     *,
     stats: dict[str, Any] | None = None,
     device: str = "cpu",
+    memory_budget: int | None = None,
+    client: Any = None,
+    runs: dict[str, Any] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Write ``<name>.npy`` for every spec into ``out_dir``; return them memory-mapped, and the stats.
 
-    Peak memory: the preprocessed features (N x d float32, memory-mapped in ``out_dir`` and deleted at
-    the end; no copy when ``preprocess`` is ``none``) plus the working buffers of the most demanding op
-    (see :mod:`.propagate`).
+    Peak memory: the working set of the most demanding op (:func:`.propagate.propagate`: full width when
+    its buffers fit ``memory_budget``, else column blocks that do), the preprocessed features being a file
+    (N x d float32 in ``out_dir``, written and read through row windows, deleted at the end; no copy when
+    ``preprocess`` is ``none``). With a Dask ``client`` the hops run as row-block tasks. ``runs`` (a dict)
+    receives, per op, the column block width and whether it ran on Dask.
     """
     n, d = graph.features.shape
     if preprocess == "none" and graph.features.dtype == np.float32:
@@ -49,10 +54,17 @@ def compute_features(
         pre_path = out_dir / ".preprocessed.npy"
         pre = np.lib.format.open_memmap(pre_path, mode="w+", dtype=np.float32, shape=(n, d))
         pre, stats = preprocess_features(graph.features, preprocess, stats, out=pre)
+        pre.flush()
+        del pre
+        pre = np.load(pre_path, mmap_mode="r")  # a fresh mapping: none of its pages resident yet
+    runs = {} if runs is None else runs
     try:
         for spec in specs:
             params = {k: v for k, v in spec.items() if k != "name"}
-            propagate(params, graph.indptr, graph.indices, graph.weights, pre, out_dir / f"{spec['name']}.npy", device=device)
+            runs[spec["name"]] = propagate(
+                params, graph.indptr, graph.indices, graph.weights, pre, out_dir / f"{spec['name']}.npy",
+                device=device, memory_budget=memory_budget, client=client, work_dir=out_dir,
+            )
     finally:
         del pre
         if pre_path is not None:

@@ -8,6 +8,8 @@
 
 Peak memory besides X and the N x d float32 output: one chunk of ``chunk_rows x d`` float64 (standardize
 statistics) or float32 (otherwise), plus O(d) float64 accumulators. No float64 N x d temporary exists.
+A memory-mapped X (or output) is read (written) through a short-lived window per chunk, so its pages do
+not stay resident in this process.
 """
 from __future__ import annotations
 
@@ -65,11 +67,14 @@ def preprocess_features(
             raise ConfigError(f"stats of method {stats.get('method')!r} cannot be applied as {method!r}")
         result = {"method": method}
 
+    from .propagate import _file_of, _read, _write
+
+    x_file, out_file = _file_of(X), _file_of(out)
     for r0, r1 in chunks:
-        c = np.asarray(X[r0:r1])
+        c = _read(X, x_file, r0, r1) if x_file is not None else np.asarray(X[r0:r1])
         if method != "standardize" or stats is not None:  # else checked while computing the statistics
             _check_finite(c, r0, X, chunks)
-        o = out[r0:r1]
+        o = out[r0:r1] if out_file is None else np.empty((r1 - r0, d), dtype=np.float32)
         if method == "l1":
             norm = np.abs(c).sum(axis=1, dtype=np.float64)
             norm[norm == 0] = 1.0
@@ -79,15 +84,20 @@ def preprocess_features(
             np.divide(o, std, out=o)
         else:
             o[...] = c
+        if out_file is not None:
+            _write(out_file, r0, r1, 0, d, o)
     return out, result
 
 
 def _column_stats(X: np.ndarray, chunks: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
     """Column mean and population std (float64), one pass merging per-chunk moments (Chan et al.)."""
     d = X.shape[1]
+    from .propagate import _file_of, _read
+
+    x_file = _file_of(X)
     count, mean, m2 = 0, np.zeros(d), np.zeros(d)
     for r0, r1 in chunks:
-        c = np.asarray(X[r0:r1])
+        c = _read(X, x_file, r0, r1) if x_file is not None else np.asarray(X[r0:r1])
         _check_finite(c, r0, X, chunks)
         c = c.astype(np.float64)
         cm = c.mean(axis=0)
