@@ -103,6 +103,13 @@ class GraphOptions(Strict):
     merge_duplicates: bool = True
     duplicate_weight: Literal["max", "sum", "first"] = "max"
     drop_self_loops: bool = True
+    reorder: Literal["none", "rcm", "degree", "community"] = Field(
+        "none",
+        description="node order of the canonical graph, computed once at ingest for locality of the sparse "
+        "products: none (input order), rcm (reverse Cuthill-McKee), degree (descending), community "
+        "(recursive bisection of smoothed random projections: nodes of one community become neighbours). "
+        "The permutation is stored (order.npy); keys, labels and outputs keep the user's ids",
+    )
 
 
 class FeatureOptions(Strict):
@@ -123,6 +130,70 @@ class ClusterConfig(Strict):
     tol: float = Field(1e-4, ge=0)
     normalize: bool = Field(True, description="L2-normalise embeddings before KMeans")
     chunk_size: int = Field(65_536, ge=1)
+
+
+_DASK_ADDRESS_RE = re.compile(r"^(tcp|tls|inproc|ucx|ws|wss)://\S+$")
+
+
+class DaskConfig(Strict):
+    """Dask (``dask.distributed``) for the blocked stages: precompute hops, KMeans steps, evaluation.
+
+    ``enabled: true`` with an ``address`` (``tcp://host:8786``), or else with the environment variable
+    ``DASK_SCHEDULER_ADDRESS`` set (``agcpipe infra up`` exports it), uses that existing scheduler; with
+    neither it starts a local cluster (``n_workers`` processes on loopback) for the run. Workers must see the store's folder at the same path (one machine, or a shared
+    filesystem): tasks exchange file paths, never arrays. Results equal the single-process ones (float32
+    tolerance), so the Dask settings are not part of any cache key.
+    """
+
+    enabled: bool = Field(False, description="run the blocked stages on dask.distributed")
+    address: str | None = Field(
+        None,
+        description="scheduler address (tcp://host:port) of an existing cluster; None = DASK_SCHEDULER_ADDRESS "
+        "if set, else a local cluster",
+    )
+    n_workers: int = Field(2, ge=1, le=1024, description="local cluster: worker processes")
+    threads_per_worker: int = Field(1, ge=1, le=256, description="local cluster: threads per worker")
+    memory_limit: str = Field(
+        "auto", description="local cluster: memory limit per worker ('auto' = RAM / n_workers, '4GiB', '0' = none)"
+    )
+    tasks_per_worker: int = Field(2, ge=1, le=64, description="row blocks per worker and step (load balance)")
+    task_runner: bool = Field(
+        False,
+        description="run the flow's stages as tasks of Prefect's DaskTaskRunner on this cluster "
+        "(needs a Prefect server: PREFECT_API_URL)",
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is None or v.strip() == "":
+            return None
+        v = v.strip()
+        if not _DASK_ADDRESS_RE.match(v):
+            raise ValueError(
+                f"dask.address must be a scheduler address like tcp://127.0.0.1:8786, got {v!r}"
+            )
+        return v
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory_limit(cls, v: str) -> str:
+        if v in ("auto", "0"):
+            return v
+        from dask.utils import parse_bytes
+
+        try:
+            if parse_bytes(v) <= 0:
+                raise ValueError
+        except (ValueError, TypeError):
+            raise ValueError(f"dask.memory_limit must be 'auto', '0' or a size like '4GiB', got {v!r}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _runner(self) -> "DaskConfig":
+        if self.task_runner and not self.enabled:
+            raise ValueError("dask.task_runner needs dask.enabled: true")
+        return self
 
 
 class TrainConfig(Strict):
@@ -216,6 +287,7 @@ class Config(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    dask: DaskConfig = Field(default_factory=DaskConfig)
     #: directory of the YAML file (relative table paths resolve against it); not a user key
     base_dir: str | None = Field(None, exclude=True)
 

@@ -6,6 +6,15 @@ cached result Prefect returns is only the small :class:`~agcpipe.stages.StageRes
 trusting it the policy checks that the artifact it points to is still complete in the store, and drops
 Prefect's record when it is not (deleted or truncated artifacts are recomputed, never returned stale).
 Prefect results are persisted as JSON under ``<store>/.prefect-results``.
+
+**Dask task runner** (``dask.enabled`` and ``dask.task_runner``): the flow runs with
+``prefect_dask.DaskTaskRunner`` and each stage is submitted to it, so it runs on a Dask worker of the
+cluster at ``dask.address`` / ``DASK_SCHEDULER_ADDRESS`` (or of a local cluster of ``dask.n_workers`` processes on loopback that the
+runner starts and stops). The blocked work inside a stage then runs as nested tasks on the same
+cluster (``distributed.worker_client``). Stages exchange only their small result dicts (paths), never
+arrays. It needs a Prefect server (``PREFECT_API_URL``): with Prefect's ephemeral API every Dask worker
+would start a server of its own. Without ``task_runner``, stages run in the flow's process and only their
+blocked work goes to Dask.
 """
 from __future__ import annotations
 
@@ -73,16 +82,27 @@ def track_task(finish: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 
 class PrefectRunner:
-    """Runs each stage as a Prefect task; reports Prefect's ``Cached`` state as ``cached``."""
+    """Runs each stage as a Prefect task; reports Prefect's ``Cached`` state as ``cached``.
 
-    def __init__(self, cfg: Config):
+    ``submit=True`` submits each task to the flow's task runner (the Dask task runner) and waits for it,
+    instead of running it in the flow's thread.
+    """
+
+    def __init__(self, cfg: Config, submit: bool = False):
         self.results_dir = store_root(cfg.store) / RESULTS_DIR
         self.results_dir.mkdir(parents=True, exist_ok=True)
+        self.submit = submit
 
     def __call__(self, stage: str, cfg: Config, *upstream: StageResult) -> StageResult:
         t0 = time.perf_counter()
         t = STAGE_TASKS[stage].with_options(result_storage=Path(self.results_dir))
-        state = t(cfg.resolved() | {"base_dir": cfg.base_dir}, [u.to_dict() for u in upstream], return_state=True)
+        args = (cfg.resolved() | {"base_dir": cfg.base_dir}, [u.to_dict() for u in upstream])
+        if self.submit:
+            future = t.submit(*args)
+            future.wait()
+            state = future.state
+        else:
+            state = t(*args, return_state=True)
         res = StageResult.from_dict(state.result())  # re-raises the stage's own exception on failure
         if state.name == "Cached":
             res.status, res.seconds = "cached", time.perf_counter() - t0
@@ -110,16 +130,65 @@ def agcpipe_flow(
     from prefect.runtime import flow_run
 
     cfg = validate_config(config) if config is not None else load_config(config_path, overrides or [])
-    runner = PrefectRunner(cfg)
+    submit = cfg.dask.enabled and cfg.dask.task_runner
+    if submit:  # stages run in worker processes: resolve the locations here, not in their environment
+        from .settings import datasets_root
+
+        cfg.store = str(store_root(cfg.store))
+        root = datasets_root(cfg.datasets_root)
+        cfg.datasets_root = str(root) if root is not None else None
+    runner = PrefectRunner(cfg, submit=submit)
     summary = run_pipeline(cfg, runner, track_runner=runner.track, flow_run_id=str(flow_run.id))
     get_run_logger().info("stages: %s", {s.stage: s.status for s in summary.stages})
     return summary.to_dict()
 
 
 def run_flow(cfg: Config) -> RunSummary:
-    """Run :func:`agcpipe_flow` (Prefect's ephemeral API unless ``PREFECT_API_URL`` is set)."""
+    """Run :func:`agcpipe_flow` (Prefect's ephemeral API unless ``PREFECT_API_URL`` is set); with
+    ``dask.task_runner``, on Prefect's Dask task runner (:func:`dask_task_runner`)."""
     apply_stack_env()
-    return RunSummary.from_dict(agcpipe_flow(cfg.resolved() | {"base_dir": cfg.base_dir}))
+    flow_fn = agcpipe_flow
+    if cfg.dask.enabled and cfg.dask.task_runner:
+        flow_fn = agcpipe_flow.with_options(task_runner=dask_task_runner(cfg))
+    return RunSummary.from_dict(flow_fn(cfg.resolved() | {"base_dir": cfg.base_dir}))
+
+
+def dask_task_runner(cfg: Config):
+    """``prefect_dask.DaskTaskRunner`` for ``cfg.dask``: the scheduler at ``dask.address``, else a local
+    cluster of ``dask.n_workers`` single-process workers on loopback (started and stopped by the runner).
+
+    Raises :class:`ConfigError` without a Prefect server: the workers must report to the flow's API
+    (its URL is exported to them through ``PREFECT_API_URL``).
+    """
+    import os
+
+    from prefect.settings import PREFECT_API_URL
+    from prefect_dask import DaskTaskRunner
+
+    from .errors import ConfigError
+
+    api = PREFECT_API_URL.value()
+    if not api:
+        raise ConfigError(
+            "dask.task_runner needs a Prefect server: with Prefect's ephemeral API every Dask worker would start "
+            "one of its own. Start the local services (`agcpipe infra up`, then `source data/infra/env.sh`) or set "
+            "PREFECT_API_URL; or keep dask.task_runner: false (stages then only send their blocked work to Dask)"
+        )
+    os.environ["PREFECT_API_URL"] = str(api)  # local cluster workers inherit the environment
+    from .distributed import scheduler_address
+
+    d = cfg.dask
+    address = scheduler_address(d)
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": d.n_workers, "threads_per_worker": d.threads_per_worker, "processes": True,
+            "host": "127.0.0.1", "dashboard_address": None,
+            "memory_limit": 0 if d.memory_limit == "0" else d.memory_limit,
+        },
+    )
 
 
 def serve(config_path: str | None, overrides: list[str], cron: str, name: str | None = None) -> None:

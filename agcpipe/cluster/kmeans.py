@@ -2,8 +2,12 @@
 
 Why not :class:`sklearn.cluster.KMeans`: it cannot run on CUDA, and it needs X as one in-memory C array
 that it copies to centre it (a memory-mapped 10M x 128 input is read whole into RAM, plus the normalised
-copy the caller makes). This class streams row chunks of the input instead, makes at most one float32
-copy (the normalised one), and runs the same algorithm on either device:
+copy the caller makes). This class streams row chunks of the input instead and makes no copy of a
+float32 C-order input, not even to L2-normalise it: ``normalize=True`` keeps the N row norms and divides
+each chunk (or gathered row) by them as it is read, with the very operation a normalised copy would use
+(k-means++ distances divide the m x c dot products by the norms instead: equal within float32 rounding).
+Other inputs (float64, strided) are copied once, as float32.
+It runs the same algorithm on either device:
 
 * k-means++ is sklearn's greedy variant (``2 + int(log k)`` local trials per centre) or ``"random"``;
 * Lloyd iterations stop after ``max_iter``, when the labels do not change, or when the squared centre shift
@@ -15,6 +19,13 @@ Distances use the matmul trick ``argmin_j -2 x.c_j + ||c_j||^2`` on chunks of ``
 float32. Lloyd's iterates are computed with Hamerly's bounds (a point whose nearest centre provably did not
 change is skipped) and centre sums updated by the points that changed cluster only, kept in float64. The
 reported inertia is a final pass over exact differences ``||x - c||^2`` (summed in float64).
+
+**Dask.** Inside an active :func:`agcpipe.distributed.session` with Dask enabled (CPU, X a file or
+copied to one), each Lloyd assignment step, the final assignment, :meth:`predict` and :meth:`confidence`
+run as row-range tasks (:func:`assign_rows`, ranges aligned to ``chunk_size``): every task maps X, reads
+the centres, writes its labels into a shared file and returns its clusters' float64 sums, counts and
+inertia. The driver runs k-means++ (streaming, as here) and the centre updates. Lloyd then takes full
+passes instead of Hamerly's bounded ones: the same iterates (labels, centres within float32 rounding).
 """
 from __future__ import annotations
 
@@ -44,11 +55,16 @@ class KMeans:
     Peak memory of :meth:`fit` besides X itself, in bytes, for N rows, d columns, k clusters, chunk
     c = min(chunk_size, N) and t = 2 + int(ln k) k-means++ trials, at most about::
 
-        4 N d         only if normalize=True or X is not C-contiguous float32 on the device: the one copy
-      + (48 + 4 t) N  labels and best labels (int64), row norms, 2 bounds, scratch; t k-means++ distances
+        4 N d         only if X is not C-contiguous float32 on the device: the one copy (normalize=True
+                      alone does not copy: 4 N more for the row norms)
+      + (52 + 4 t) N  labels and best labels (int64), row norms, 2 bounds, scratch; t k-means++ distances
                       and a float64 cumsum, or the bounds' temporaries
-      + 8 c (k + d)   distance block and its copy, one gathered / converted / difference block
+      + 12 c (k + d)  distance block and its copy, one gathered / converted / normalised / difference block
       + 40 k d        centres (float32, a few), sums (float64)
+
+    A memory-mapped X is read in place: its pages (``4 N d``) come and go in the page cache.
+    On Dask the driver holds ``(16 + 4 t) N`` (labels, best labels, k-means++ distances) and each task
+    ``~12 c (k + d)`` plus the X pages of its rows.
 
     :meth:`predict`, :meth:`transform` and :meth:`confidence` never copy X whole: they stream chunks,
     ``4 c (k + d)`` bytes besides the N-sized output. On CUDA, X is moved to the device when it takes at
@@ -118,12 +134,22 @@ class KMeans:
             raise StageError(f"n_clusters={k} is invalid: KMeans needs at least 2 clusters")
         if k > n:
             raise StageError(f"n_clusters={k} is larger than the number of nodes ({n})")
+        client = self._client()
         with _threads(1 if self._device.type == "cpu" and n * d * k < _SINGLE_THREAD_WORK else None):
-            return self._fit(X, n, d, k)
+            return self._fit(X, n, d, k, client)
 
-    def _fit(self, X: ArrayLike, n: int, d: int, k: int) -> KMeans:
+    def _client(self) -> Any:
+        """The Dask client of the active agcpipe.distributed session (CPU fits only), else None."""
+        if self._device.type != "cpu":
+            return None
+        from .. import distributed
+
+        return distributed.current_client()
+
+    def _fit(self, X: ArrayLike, n: int, d: int, k: int, client: Any = None) -> KMeans:
         dev = self._device
         Xt, xnorm2, col_var_mean = self._materialise(X, n, d)
+        remote = _RemoteSteps(self, X, Xt, client) if client is not None else None
         tol_abs = self.tol * col_var_mean
         block = min(self.chunk_size, n)
         gen = torch.Generator()
@@ -136,14 +162,20 @@ class KMeans:
         best_labels = torch.empty(n, dtype=torch.int64, device=dev)
         for run in range(self.n_init):
             centers = self._init_centers(Xt, xnorm2, k, gen, ws)
-            centers, n_iter = self._lloyd(Xt, xnorm2, centers, tol_abs, ws)
-            inertia = ws.assign(Xt, centers)
+            if remote is None:
+                centers, n_iter = self._lloyd(Xt, xnorm2, centers, tol_abs, ws)
+                inertia = ws.assign(Xt, centers)
+            else:
+                centers, n_iter = remote.lloyd(centers, tol_abs, ws)
+                inertia = remote.assign(centers, ws)
             if self.verbose:
                 print(f"KMeans init {run}: {n_iter} iterations, inertia {inertia:.6g}")
             # like sklearn, a lower inertia for the same partition (float noise) does not replace the best
             if best is None or (inertia < best[0] and not _same_partition(ws.labels, best_labels, k)):
                 best = (inertia, centers, n_iter, run)
                 best_labels.copy_(ws.labels)
+        if remote is not None:
+            remote.close()
         assert best is not None
         self.inertia_, centers, self.n_iter_, self.best_init_ = best
         self.cluster_centers_ = centers.cpu().numpy()
@@ -153,6 +185,9 @@ class KMeans:
     def predict(self, X: ArrayLike) -> np.ndarray:
         """Index (int64) of the nearest centre of each row of X."""
         c = self._centers(X)
+        client = self._client()
+        if client is not None:
+            return _RemoteSteps(self, X, None, client).per_row("predict", c)
         cn = (c * c).sum(1)
         out = torch.empty(_check_shape(X)[0], dtype=torch.int64)
         for s, e, xb in self._stream(X):
@@ -182,6 +217,9 @@ class KMeans:
         out = torch.empty(_check_shape(X)[0], dtype=torch.float32)
         if c.shape[0] < 2:
             return out.fill_(1.0).numpy()
+        client = self._client()
+        if client is not None:
+            return _RemoteSteps(self, X, None, client).per_row("confidence", c)
         for s, e, xb in self._stream(X):
             d2 = _sq_dist(xb, c).clamp_(min=0).topk(2, dim=1, largest=False).values.sqrt_()
             out[s:e] = torch.where(d2[:, 1] > 0, 1 - d2[:, 0] / d2[:, 1], torch.ones_like(d2[:, 0])).clamp_(0, 1).cpu()
@@ -200,17 +238,19 @@ class KMeans:
             yield s, e, xb
         bad.raise_if_any()
 
-    def _materialise(self, X: ArrayLike, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """X as one float32 C-contiguous tensor (a view when possible, else the one copy, normalised if
-        asked), its squared row norms and its mean column variance.
+    def _materialise(self, X: ArrayLike, n: int, d: int) -> tuple[_Data, torch.Tensor, float]:
+        """X as the algorithm reads it (:class:`_Data`: a view of X when possible, else the one float32
+        copy; rows divided by their norms as they are read when ``normalize``), its squared row norms
+        (after normalising) and its mean column variance.
 
         The tensor lives on the device, or in host memory when it does not fit on the CUDA device.
         """
         dev = home = self._device
         if dev.type == "cuda" and 4 * n * d > _CUDA_RESIDENT_FRACTION * torch.cuda.mem_get_info(dev)[0]:
             home = torch.device("cpu")
-        view = None if self.normalize else _view(X, home)
+        view = _view(X, home)
         out = view if view is not None else torch.empty(n, d, dtype=torch.float32, device=home)
+        norms = torch.empty(n, 1, dtype=torch.float32, device=dev) if self.normalize else None
         xnorm2 = torch.empty(n, dtype=torch.float32, device=dev)
         col_sum = torch.zeros(d, dtype=torch.float64, device=dev)
         bad = _BadRows()
@@ -219,9 +259,12 @@ class KMeans:
             o = out[s:e]
             if view is None:
                 o.copy_(_rows(X, s, e))
-            if self.normalize:
-                bad.check(o, s, _normalize_rows(o, out=o)[1])
             xb = o.to(dev)
+            if self.normalize:
+                nb = torch.linalg.vector_norm(xb, dim=1, keepdim=True)
+                bad.check(xb, s, nb.squeeze(1))
+                norms[s:e] = nb.masked_fill_(nb == 0, 1)
+                xb = torch.div(xb, norms[s:e])
             xnorm2[s:e] = torch.linalg.vector_norm(xb, dim=1).square_()
             if not self.normalize:
                 bad.check(xb, s, xnorm2[s:e])
@@ -229,7 +272,7 @@ class KMeans:
         bad.raise_if_any()
         # mean over columns of E[x^2] - E[x]^2 in float64 (only scales the stopping threshold)
         col_var_mean = float(xnorm2.sum(dtype=torch.float64) / (n * d) - (col_sum / n).square().mean())
-        return out, xnorm2, max(col_var_mean, 0.0)
+        return _Data(out, norms, dev), xnorm2, max(col_var_mean, 0.0)
 
     def _centers(self, X: ArrayLike) -> torch.Tensor:
         if not hasattr(self, "cluster_centers_"):
@@ -241,18 +284,18 @@ class KMeans:
 
     # ------------------------------------------------------------------ algorithm
     def _init_centers(
-        self, X: torch.Tensor, xnorm2: torch.Tensor, k: int, gen: torch.Generator, ws: _Workspace
+        self, X: _Data, xnorm2: torch.Tensor, k: int, gen: torch.Generator, ws: _Workspace
     ) -> torch.Tensor:
         """Initial centres (k x d float32 on the device): sklearn's greedy k-means++ or k random rows."""
         n = X.shape[0]
         dev = ws.device
         if self.init == "random":
             idx = torch.randperm(n, generator=gen)[:k]
-            return X[idx.to(X.device)].to(dev)
+            return X.gather(idx)
         trials = 2 + int(math.log(k))
         centers = torch.empty(k, X.shape[1], dtype=torch.float32, device=dev)
         first = int(torch.randint(n, (1,), generator=gen))
-        centers[0] = X[first]
+        centers[0] = X.gather(torch.tensor([first]))[0]
         closest = ws.closest
         ws.sq_dist_to(X, xnorm2, centers[:1], closest.view(1, n))
         pot = closest.sum().double()
@@ -261,7 +304,7 @@ class KMeans:
             r = torch.rand(trials, generator=gen, dtype=torch.float64).to(dev) * pot
             cum = torch.cumsum(closest, 0, dtype=torch.float64)
             ids = torch.searchsorted(cum, r).clamp_(max=n - 1)
-            cand = X[ids.to(X.device)].to(dev)
+            cand = X.gather(ids)
             ws.sq_dist_to(X, xnorm2, cand, cand_d)
             torch.minimum(cand_d, closest, out=cand_d)
             pots = cand_d.sum(1).double()  # float32 sums (pairwise): no float64 copy of cand_d
@@ -272,7 +315,7 @@ class KMeans:
         return centers
 
     def _lloyd(
-        self, X: torch.Tensor, xnorm2: torch.Tensor, centers: torch.Tensor, tol_abs: float, ws: _Workspace
+        self, X: _Data, xnorm2: torch.Tensor, centers: torch.Tensor, tol_abs: float, ws: _Workspace
     ) -> tuple[torch.Tensor, int]:
         """Lloyd iterations from ``centers``; returns the final centres and the number of iterations.
 
@@ -330,15 +373,19 @@ class _Workspace:
         for s in range(0, self.n, self.block):
             yield s, min(s + self.block, self.n)
 
-    def rows(self, X: torch.Tensor, s: int, e: int) -> torch.Tensor:
-        return X[s:e].to(self.device, non_blocking=True)
+    def rows(self, X: _Data, s: int, e: int) -> torch.Tensor:
+        return X.block(s, e)
 
-    def sq_dist_to(self, X: torch.Tensor, xnorm2: torch.Tensor, pts: torch.Tensor, out: torch.Tensor) -> None:
+    def sq_dist_to(self, X: _Data, xnorm2: torch.Tensor, pts: torch.Tensor, out: torch.Tensor) -> None:
         """``out[j, i] = ||x_i - pts_j||^2`` (m x N), clamped at 0."""
         pn = (pts * pts).sum(1, keepdim=True)
         for s, e in self.ranges():
             o = out[:, s:e]
-            torch.addmm(pn, pts, self.rows(X, s, e).T, alpha=-2, out=o)
+            if X.norms is None:
+                torch.addmm(pn, pts, self.rows(X, s, e).T, alpha=-2, out=o)
+            else:  # rows normalised on the fly: scale the m x c products, not the c x d rows (half the pass)
+                torch.mm(pts, X.base[s:e].to(self.device, non_blocking=True).T, out=o)
+                o.div_(X.norms[s:e].T).mul_(-2).add_(pn)
             o.add_(xnorm2[s:e]).clamp_min_(0)
 
     def _nearest_two(
@@ -350,7 +397,7 @@ class _Workspace:
         second = d2.scatter_(1, lab.unsqueeze(1), math.inf).amin(1)  # amin: several times faster than min
         return lab, (first + xn).clamp_min_(0).sqrt_(), (second + xn).clamp_min_(0).sqrt_()
 
-    def full_step(self, X: torch.Tensor, xnorm2: torch.Tensor, centers: torch.Tensor) -> None:
+    def full_step(self, X: _Data, xnorm2: torch.Tensor, centers: torch.Tensor) -> None:
         """E-step over all points (labels and exact bounds) and the M-step sums from scratch."""
         cn = (centers * centers).sum(1)
         self.sums.zero_()
@@ -362,7 +409,7 @@ class _Workspace:
             self._add(xb, lab)
         self.stale = False
 
-    def full_sums(self, X: torch.Tensor) -> None:
+    def full_sums(self, X: _Data) -> None:
         self.sums.zero_()
         self.counts.zero_()
         for s, e in self.ranges():
@@ -373,7 +420,7 @@ class _Workspace:
         self.sums += self.part.zero_().index_add_(0, lab, xb)
         self.counts += torch.bincount(lab, minlength=self.k)
 
-    def bounded_step(self, X: torch.Tensor, xnorm2: torch.Tensor, centers: torch.Tensor, moved: torch.Tensor) -> int:
+    def bounded_step(self, X: _Data, xnorm2: torch.Tensor, centers: torch.Tensor, moved: torch.Tensor) -> int:
         """E-step for the points the bounds cannot settle, incremental M-step; returns how many changed cluster."""
         lab, up, lo = self.labels, self.upper, self.lower
         mv = moved.to(torch.float32)
@@ -405,7 +452,7 @@ class _Workspace:
             self.sums += part
         return changed
 
-    def _blocks_of(self, X: torch.Tensor, todo: torch.Tensor) -> Iterator[tuple[slice | torch.Tensor, torch.Tensor]]:
+    def _blocks_of(self, X: _Data, todo: torch.Tensor) -> Iterator[tuple[slice | torch.Tensor, torch.Tensor]]:
         """``(rows, x[rows])`` blocks covering the sorted indices ``todo``: gathered, or contiguous when
         ``todo`` holds most rows anyway (a full pass is cheaper than gathering them)."""
         if 2 * todo.numel() > self.n:
@@ -414,12 +461,10 @@ class _Workspace:
             return
         for a in range(0, todo.numel(), self.block):
             ii = todo[a : a + self.block]
-            if X.device == self.device:  # into the reused buffer: allocating it afresh costs more than the gather
-                yield ii, torch.index_select(X, 0, ii, out=self.scratch[: ii.numel()])
-            else:
-                yield ii, torch.index_select(X, 0, ii.cpu()).to(self.device)
+            # into the reused buffer when X is on the device: allocating it afresh costs more than the gather
+            yield ii, X.gather(ii, out=self.scratch[: ii.numel()])
 
-    def relocate_empty(self, X: torch.Tensor, centers: torch.Tensor) -> None:
+    def relocate_empty(self, X: _Data, centers: torch.Tensor) -> None:
         """sklearn's relocation: each empty cluster takes the next point farthest from its centre."""
         dist = self.closest
         for s, e in self.ranges():
@@ -430,7 +475,7 @@ class _Workspace:
         if float(dist[far[0]]) == 0:  # more clusters than distinct points: nothing to gain
             return
         for j, i in zip(empty.tolist(), far.tolist()):
-            x = X[i].to(self.device, torch.float64)
+            x = X.gather(torch.tensor([i]))[0].to(torch.float64)
             old = int(self.labels[i])
             self.sums[old] -= x
             self.counts[old] -= 1
@@ -438,7 +483,7 @@ class _Workspace:
             self.counts[j] = 1
         self.stale = True
 
-    def assign(self, X: torch.Tensor, centers: torch.Tensor) -> float:
+    def assign(self, X: _Data, centers: torch.Tensor) -> float:
         """Nearest-centre labels into ``labels``; returns the inertia from exact differences (float64 sum)."""
         cn = (centers * centers).sum(1)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -449,6 +494,202 @@ class _Workspace:
             diff = torch.index_select(centers, 0, lab, out=self.scratch[: e - s]).sub_(xb)
             total += diff.square_().sum(1).sum(dtype=torch.float64)
         return float(total)
+
+
+class _Data:
+    """X as the algorithm reads it: a float32 tensor (a view of X or the one copy) whose rows are divided
+    by ``norms`` (N x 1, zeros replaced by 1) as they are read, when rows are normalised on the fly."""
+
+    def __init__(self, base: torch.Tensor, norms: torch.Tensor | None, device: torch.device) -> None:
+        self.base, self.norms, self.device = base, norms, device
+        self.shape = base.shape
+        self._buf: torch.Tensor | None = None
+
+    def block(self, s: int, e: int) -> torch.Tensor:
+        """Rows s:e (normalised when rows are): valid until the next call (one reused buffer: a fresh
+        chunk-sized allocation per call cost twice the pass itself, in page faults)."""
+        xb = self.base[s:e].to(self.device, non_blocking=True)
+        if self.norms is None:
+            return xb
+        if self._buf is None or self._buf.shape[0] < e - s:
+            self._buf = torch.empty(e - s, self.shape[1], dtype=torch.float32, device=self.device)
+        return torch.div(xb, self.norms[s:e], out=self._buf[: e - s])
+
+    def gather(self, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        home = self.base.device
+        if home == self.device and out is not None:
+            xb = torch.index_select(self.base, 0, idx.to(home), out=out)
+        else:
+            xb = torch.index_select(self.base, 0, idx.to(home)).to(self.device)
+        return xb if self.norms is None else xb.div_(self.norms[idx.to(self.device)])
+
+
+class _RemoteSteps:
+    """The passes over X of one fit (or predict / confidence) as Dask tasks over row ranges."""
+
+    def __init__(self, km: KMeans, X: ArrayLike, data: _Data | None, client: Any) -> None:
+        from .. import distributed
+
+        self.km, self.data, self.client = km, data, client
+        self.n, self.d = _check_shape(X)
+        self.scratch = distributed.scratch_dir()
+        arr = X.detach().cpu().numpy() if isinstance(X, torch.Tensor) else X
+        ref = distributed.file_ref(arr) if isinstance(arr, np.ndarray) and arr.dtype == np.float32 else None
+        if ref is None:
+            path = self.scratch / "x.npy"
+            np.save(path, np.ascontiguousarray(np.asarray(arr), dtype=np.float32))
+            ref = distributed.ArrayRef.of_npy(path)
+        self.x = ref
+        c = km.chunk_size
+        chunks = -(-self.n // c)
+        parts = distributed.ranges(chunks, distributed.tasks_for(client))
+        self.ranges = [(a * c, min(self.n, b * c)) for a, b in parts]
+        self.labels_path = self.scratch / "labels.npy"
+        self._labels: distributed.ArrayRef | None = None
+
+    def _run(self, mode: str, centers: torch.Tensor, **kw: Any) -> list[dict[str, Any]]:
+        from .. import distributed
+
+        c = centers.detach().cpu().numpy().astype(np.float32)
+        args = [(self.x, self.km.normalize, a, b, self.km.chunk_size, c, mode, kw) for a, b in self.ranges]
+        return distributed.map_gather(self.client, assign_rows, args)
+
+    def _labels_ref(self) -> Any:
+        from .. import distributed
+
+        if self._labels is None:
+            np.lib.format.open_memmap(self.labels_path, mode="w+", dtype=np.int64, shape=(self.n,))
+            self._labels = distributed.ArrayRef.of_npy(self.labels_path)
+        return self._labels
+
+    def lloyd(self, centers: torch.Tensor, tol_abs: float, ws: _Workspace) -> tuple[torch.Tensor, int]:
+        """Lloyd iterations from ``centers`` with full assignment steps (the iterates of :meth:`KMeans._lloyd`)."""
+        labels = self._labels_ref()
+        n_iter = 0
+        for n_iter in range(1, self.km.max_iter + 1):
+            parts = self._run("step", centers, labels=labels, compare=n_iter > 1)
+            if n_iter > 1 and sum(p["changed"] for p in parts) == 0:
+                break  # no label changed, so the centres stay
+            sums = torch.from_numpy(np.sum([p["sums"] for p in parts], axis=0))
+            counts = torch.from_numpy(np.sum([p["counts"] for p in parts], axis=0))
+            if int(counts.min()) == 0:
+                self._relocate(centers, sums, counts)
+            new = (sums / counts.clamp_min(1).unsqueeze(1)).to(torch.float32)
+            moved = torch.linalg.vector_norm(new.double() - centers.double(), dim=1)
+            shift = float((moved * moved).sum())
+            centers = new
+            if self.km.verbose:
+                print(f"  iteration {n_iter}: centre shift {shift:.4g} (tolerance {tol_abs:.4g})")
+            if shift <= tol_abs:
+                break
+        return centers, n_iter
+
+    def _relocate(self, centers: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        """sklearn's relocation (as :meth:`_Workspace.relocate_empty`) with the farthest points of every range."""
+        empty = torch.nonzero(counts == 0).flatten()
+        parts = self._run("far", centers, labels=self._labels, top=int(empty.numel()))
+        dist = torch.from_numpy(np.concatenate([p["dist"] for p in parts]))
+        idx = np.concatenate([p["idx"] for p in parts])
+        pick = torch.topk(dist, empty.numel()).indices
+        if float(dist[pick[0]]) == 0:
+            return
+        lab = self._labels.open()
+        for j, i in zip(empty.tolist(), idx[pick.numpy()].tolist()):
+            x = self.data.gather(torch.tensor([i]))[0].cpu().to(torch.float64)
+            old = int(lab[i])
+            sums[old] -= x
+            counts[old] -= 1
+            sums[j] = x
+            counts[j] = 1
+
+    def assign(self, centers: torch.Tensor, ws: _Workspace) -> float:
+        """Final nearest-centre labels (into ``ws.labels``) and the exact inertia."""
+        parts = self._run("assign", centers, labels=self._labels_ref())
+        ws.labels.copy_(torch.from_numpy(np.array(self._labels.open())).to(ws.labels.device))
+        return float(sum(p["inertia"] for p in parts))
+
+    def per_row(self, mode: str, centers: torch.Tensor) -> np.ndarray:
+        """predict / confidence of every row, written by the tasks into one file."""
+        from .. import distributed
+
+        dtype = np.int64 if mode == "predict" else np.float32
+        path = self.scratch / f"{mode}.npy"
+        np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(self.n,))
+        try:
+            self._run(mode, centers, out=distributed.ArrayRef.of_npy(path))
+            return np.array(np.load(path, mmap_mode="r"))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def assign_rows(
+    x: Any, normalize: bool, r0: int, r1: int, chunk: int, centers: np.ndarray, mode: str, kw: dict[str, Any]
+) -> dict[str, Any]:
+    """Dask task: one pass of KMeans over rows ``r0:r1`` of X (a file), in chunks of ``chunk`` rows.
+
+    ``mode``: ``step`` (Lloyd assignment: labels into ``kw["labels"]``, returns float64 sums, counts and,
+    with ``compare``, how many labels changed), ``far`` (the ``top`` points farthest from their centre),
+    ``assign`` (final labels and inertia), ``predict`` / ``confidence`` (into ``kw["out"]``). Each uses
+    the arithmetic of the single-process pass it replaces.
+    """
+    X = x.open()
+    c = torch.from_numpy(np.asarray(centers, dtype=np.float32))
+    k, d = c.shape
+    cn = (c * c).sum(1)
+    labels = kw["labels"].open("r+") if kw.get("labels") is not None else None
+    out = kw["out"].open("r+") if kw.get("out") is not None else None
+    sums = torch.zeros(k, d, dtype=torch.float64)
+    counts = torch.zeros(k, dtype=torch.int64)
+    part = torch.empty(k, d, dtype=torch.float32)
+    changed, inertia = 0, torch.zeros((), dtype=torch.float64)
+    far_d: list[torch.Tensor] = []
+    far_i: list[torch.Tensor] = []
+    with _threads(1):
+        for s in range(r0, r1, chunk):
+            e = min(r1, s + chunk)
+            xb = torch.from_numpy(np.ascontiguousarray(X[s:e], dtype=np.float32))
+            if normalize:
+                nb = torch.linalg.vector_norm(xb, dim=1, keepdim=True)
+                xb = torch.div(xb, nb.masked_fill_(nb == 0, 1))
+            if mode == "step":
+                lab = torch.addmm(cn, xb, c.T, alpha=-2).min(1).indices
+                if kw.get("compare"):
+                    changed += int((lab != torch.from_numpy(np.asarray(labels[s:e]))).sum())
+                labels[s:e] = lab.numpy()
+                sums += part.zero_().index_add_(0, lab, xb)
+                counts += torch.bincount(lab, minlength=k)
+            elif mode == "far":
+                lab = torch.from_numpy(np.asarray(labels[s:e]))
+                dist = torch.index_select(c, 0, lab).sub_(xb).square_().sum(1)
+                top = torch.topk(dist, min(int(kw["top"]), dist.numel()))
+                far_d.append(top.values)
+                far_i.append(top.indices + s)
+            elif mode == "assign":
+                lab = torch.argmin(torch.addmm(cn, xb, c.T, alpha=-2), 1)
+                labels[s:e] = lab.numpy()
+                inertia += torch.index_select(c, 0, lab).sub_(xb).square_().sum(1).sum(dtype=torch.float64)
+            elif mode == "predict":
+                out[s:e] = torch.addmm(cn, xb, c.T, alpha=-2).argmin(1).numpy()
+            else:  # confidence
+                d2 = _sq_dist(xb, c).clamp_(min=0).topk(2, dim=1, largest=False).values.sqrt_()
+                out[s:e] = torch.where(d2[:, 1] > 0, 1 - d2[:, 0] / d2[:, 1], torch.ones_like(d2[:, 0])).clamp_(0, 1).numpy()
+    for arr in (labels, out):
+        if arr is not None:
+            arr.flush()
+    res: dict[str, Any] = {"rows": r1 - r0}
+    if mode == "step":
+        res.update(sums=sums.numpy(), counts=counts.numpy(), changed=changed)
+    elif mode == "far":
+        res.update(dist=torch.cat(far_d).numpy() if far_d else np.empty(0, np.float32),
+                   idx=torch.cat(far_i).numpy() if far_i else np.empty(0, np.int64))
+    elif mode == "assign":
+        res["inertia"] = float(inertia)
+    return res
 
 
 # ---------------------------------------------------------------------- helpers

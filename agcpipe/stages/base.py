@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .. import distributed
 from ..config import Config
 from ..settings import store_root
 from ..store import Store, stage_key
@@ -63,7 +64,8 @@ class Stage:
         if art is not None:
             return StageResult(self.name, key, str(art.path), "cached", time.perf_counter() - t0, art.meta.get("summary", {}))
         info: dict[str, Any] = {"inputs": {u.stage: u.key for u in upstream}}
-        with store.build(self.name, key, info) as tmp:
+        # dask.enabled: blocked work inside compute may run on the cluster (agcpipe.distributed)
+        with store.build(self.name, key, info) as tmp, distributed.session(cfg.dask, scratch=store.root / ".scratch"):
             info["summary"] = self.compute(cfg, tmp, *upstream)
         return StageResult(self.name, key, str(store.path(self.name, key)), "computed", time.perf_counter() - t0, info["summary"])
 
