@@ -53,12 +53,46 @@ class Case:
 CASES: dict[str, Case] = {
     "gae": Case("gae", {}, {"batch_size": 2048, "fanout": [10, 10]}, "published encoder 256-64"),
     "dgi": Case("dgi", {}, {"batch_size": 2048, "fanout": [10]}, "published encoder: 1 x GCN 512, PReLU"),
+    "dmon": Case("dmon", {}, {"batch_size": 2048, "fanout": [10]}, "PyAGC Cora encoder: 1 x GCN 64; 10 draws per seed, k = 50"),
+    "mincut": Case("mincut", {}, {"batch_size": 2048, "fanout": [5, 5]}, "PyAGC Cora encoder: GCN 128-128; 10 draws per seed, k = 50"),
+    "neuromap": Case("neuromap", {}, {"batch_size": 2048, "fanout": [10]}, "1 x GCN 64; 10 draws per seed, k = 50 (PageRank flow before the epoch: 0.75 s)"),
+    "gcsbm": Case("gcsbm", {}, {"batch_size": 2048, "fanout": [10]}, "1 x GCN 64, bernoulli, eta 3; 10 draws per seed, k = 50"),
     "node2vec": Case(
         "node2vec",
         {"walks_per_node": 1, "walk_length": 10, "context_size": 5, "sparse": True},
         {"batch_size": 4096},
         "dim 128, 1 walk of 10 steps per node, window 5, SparseAdam",
     ),
+    "arga": Case("arga", {}, {"batch_size": 2048, "fanout": [10, 10]}, "paper: encoder 32-16, discriminator 64-32"),
+    "s3gc": Case(
+        "s3gc",
+        {"walk_length": 4, "context_size": 5, "walks_per_node": 10},
+        {"batch_size": 1024},
+        "medium (MLP f, g), hidden 256, 10 walks of 5 nodes, sparse I + SparseAdam",
+    ),
+    "magi": Case(
+        "magi",
+        {"encoder": {"type": "gcn", "hidden": 512, "layers": 1, "activation": "leaky_relu", "last_activation": False}, "num_walks": 20, "walk_length": 4, "tau": 0.5, "dropout": 0.0, "scale_embeddings": False, "lr": 0.01, "weight_decay": 0.0},
+        {"batch_size": 512, "fanout": [10]},
+        "GCN 512, 20 walks of 4 steps, 512 seeds (~10x expanded)",
+    ),
+    "ccassg": Case("ccassg", {}, {"batch_size": 2048, "fanout": [10, 10]}, "published encoder GCN 512-512; 2 augmented views of each sampled subgraph"),
+    "gbt": Case("gbt", {}, {"batch_size": 2048, "fanout": [10, 10]}, "published encoder GCN 512-256, batch norm; 2 augmented views"),
+    "ns4gc": Case("ns4gc", {}, {"batch_size": 2048, "fanout": [10, 10]}, "published encoder GCN 256-64; seeds + 1 neighbour each, 2 views, B x B sparsity pairs"),
+    "daegc": Case(
+        "daegc",
+        {"encoder": {"type": "gat", "hidden": 64, "layers": 2, "heads": 1, "activation": "elu", "last_activation": False},
+         "pretrain_epochs": 1, "init_n_init": 1, "init_sample": 50000},
+        {"batch_size": 2048, "fanout": [10, 10]},
+        "GAT 64-64; 1 pretrain epoch, KMeans init on 50k of the layer-wise embeddings, P from layer-wise inference; joint epoch",
+    ),
+    "dinknet": Case(
+        "dinknet",
+        {"pretrain_epochs": 1, "init_n_init": 1, "init_sample": 50000},
+        {"batch_size": 2048, "fanout": [10]},
+        "published encoder GCN 512; 1 pretrain epoch, KMeans init on 50k of the layer-wise embeddings; joint epoch",
+    ),
+    "diffpool": Case("diffpool", {}, {"batch_size": 2048, "fanout": [10, 10]}, "GCN 64-64 + linear head; seeds + 1 neighbour each (unbiased ||A - SS^T||^2)"),
 }
 
 
