@@ -521,27 +521,6 @@ def _node_ids(ids: pa.ChunkedArray, nodes: _Table, column: str) -> pa.ChunkedArr
     return ids
 
 
-def _dense(chunks: list[pa.Array], lookup: pa.Array, edges: _Table, column: str, nodes_spec: str) -> np.ndarray:
-    """Dense int64 node ids of edge endpoints (``index_in`` over the node ids)."""
-    col = pa.chunked_array(chunks, type=chunks[0].type)
-    if pa.types.is_integer(lookup.type) and not pa.types.is_integer(col.type):
-        as_int = pc.if_else(pc.match_substring_regex(col, _INT_RE), col, pa.scalar(None, col.type))
-        try:
-            probe = as_int.cast(pa.int64())
-        except pa.ArrowInvalid:  # digits beyond int64: cannot be a node id
-            probe = pa.nulls(len(col), pa.int64())
-    else:
-        probe = col.cast(lookup.type)
-    idx = pc.index_in(probe, value_set=lookup)
-    if idx.null_count:
-        rows, count = first_rows(idx.is_null().to_numpy(zero_copy_only=False))
-        raise InputError(
-            f"edge endpoints that are not node ids of {nodes_spec}", file=edges.spec, column=column,
-            rows=rows, values=col.take(rows).to_pylist(), count=count, hint=edges.hint,
-        )
-    return idx.to_numpy().astype(np.int64)
-
-
 def _combine(chunks: list[pa.Array]) -> pa.ChunkedArray:
     """Label chunks of one type (files may differ: numbers -> float64, anything else -> text)."""
     types = {c.type for c in chunks}
