@@ -174,6 +174,8 @@ def main() -> None:
             if a.embed:
                 row.append(f"{res['embed_seconds']:.1f}")
             rows.append(row)
+            # one line per finished case, so that a long run shows (and keeps) what it measured so far
+            print(f"{name}: epoch {per_epoch:.1f} s, peak RSS {gib(r['peak_rss'])} GiB", flush=True)
             records.append({"case": name, **res, "fit_seconds": r["seconds"], "peak_rss": r["peak_rss"], "baseline_rss": r["baseline_rss"]})
     cols = ["method", "setting", "batch", "fanout", "steps/epoch", "epoch s", "loss", "peak RSS GiB", "baseline GiB"]
     if a.embed:
