@@ -10,7 +10,6 @@ import pandas as pd
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-import torch
 from mlflow import MlflowClient
 from sklearn.metrics import adjusted_rand_score
 
@@ -19,17 +18,10 @@ from agcpipe.config import load_config
 from agcpipe.errors import InputError
 from agcpipe.pipeline import run_pipeline
 from agcpipe.train.history import read_history
+from method_support import one_torch_thread  # noqa: F401 (autouse fixture)
 from integration_support import EXAMPLE_TABLES, REPO, small_synthetic, statuses
 
 ALL = ("ingest", "precompute", "train", "cluster", "evaluate")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _tables_config(tmp_path: Path, name: str, method: str, extra: str = "") -> tuple[Path, str]:

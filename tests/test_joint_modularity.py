@@ -15,7 +15,7 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from agcpipe.config import TrainConfig, load_config
+from agcpipe.config import load_config
 from agcpipe.errors import ConfigError
 from agcpipe.methods import registry
 from agcpipe.methods._graph_objective import GraphStats, Rows
@@ -26,16 +26,9 @@ from agcpipe.nn import pooling as P
 from agcpipe.train.engine import Engine
 from agcpipe.train.history import read_history
 from graph_factory import make_graph
+from method_support import method_context, one_torch_thread  # noqa: F401 (autouse fixture)
 
 METHODS = ("dmon", "mincut", "neuromap", "gcsbm")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -55,14 +48,7 @@ def _sbm(tmp_path, n_per=40, k=3, d=12, seed=0, weights=False, p_in=0.85, direct
 
 
 def _ctx(graph, tmp_path: Path, name="run", seed=0, k=3, **train) -> MethodContext:
-    base = tmp_path / f"{name}-{seed}"
-    (base / "state").mkdir(parents=True, exist_ok=True)
-    (base / "work").mkdir(exist_ok=True)
-    return MethodContext(
-        graph=graph, features={"x": graph.features}, n_clusters=k, seed=seed, device="cpu",
-        state_dir=base / "state", work_dir=base / "work", train=TrainConfig(progress=False, **train),
-        history_path=base / "history.parquet",
-    )
+    return method_context(graph, tmp_path, name, seed, n_clusters=k, **train)
 
 
 def _dense(graph) -> np.ndarray:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from agcpipe.config import TrainConfig, load_config
+from agcpipe.config import load_config
 from agcpipe.methods import registry
 from agcpipe.methods.base import MethodContext
 from agcpipe.methods.daegc import student_t, target_distribution
@@ -21,14 +21,7 @@ from agcpipe.methods.dinknet import shrink_dilation
 from agcpipe.nn.pooling import dense_diff_pool, to_sparse_adj
 from agcpipe.train.history import read_history
 from graph_factory import make_graph
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from method_support import method_context, one_torch_thread  # noqa: F401 (autouse fixture)
 
 
 def _sbm(tmp_path, n_per=40, k=3, d=12, seed=0, weights=False):
@@ -47,21 +40,7 @@ def _sbm(tmp_path, n_per=40, k=3, d=12, seed=0, weights=False):
 
 
 def _ctx(graph, tmp_path: Path, name="run", seed=0, checkpoint=False, **train) -> MethodContext:
-    base = tmp_path / f"{name}-{seed}"
-    (base / "state").mkdir(parents=True, exist_ok=True)
-    (base / "work").mkdir(exist_ok=True)
-    return MethodContext(
-        graph=graph,
-        features={"x": graph.features},
-        n_clusters=3,
-        seed=seed,
-        device="cpu",
-        state_dir=base / "state",
-        work_dir=base / "work",
-        train=TrainConfig(progress=False, **train),
-        checkpoint_dir=base / "ckpt" if checkpoint else None,
-        history_path=base / "history.parquet",
-    )
+    return method_context(graph, tmp_path, name, seed, checkpoint=checkpoint, **train)
 
 
 GAT = {"type": "gat", "hidden": 16, "layers": 2, "heads": 2, "activation": "elu", "last_activation": False}

@@ -3,7 +3,6 @@ CLI, lineage tags, and `assign` refusing a graph whose feature schema differs fr
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

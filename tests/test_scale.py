@@ -9,7 +9,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from agcpipe.config import GraphOptions, SyntheticSource, TableSource
-from agcpipe.data import canonical
 from agcpipe.data.canonical import CSRBuilder, canonicalize_edges
 from agcpipe.data.graph import Graph
 from agcpipe.data.ingest import ingest

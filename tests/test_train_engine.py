@@ -16,15 +16,7 @@ from agcpipe.train import checkpoint as ckpt
 from agcpipe.train.engine import Engine, LossOutput, TrainPlan
 from agcpipe.train.history import read_history
 from graph_factory import make_graph
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one torch thread is several times faster on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from method_support import method_context, one_torch_thread  # noqa: F401 (autouse fixture)
 
 
 def _sbm(tmp_path, n_per=40, k=3, d=12, seed=0, weights=False):
@@ -43,21 +35,7 @@ def _sbm(tmp_path, n_per=40, k=3, d=12, seed=0, weights=False):
 
 
 def _ctx(graph, tmp_path: Path, name="run", seed=0, history=True, checkpoint=False, **train) -> MethodContext:
-    base = tmp_path / f"{name}-{seed}"
-    (base / "state").mkdir(parents=True, exist_ok=True)
-    (base / "work").mkdir(exist_ok=True)
-    return MethodContext(
-        graph=graph,
-        features={"x": graph.features},
-        n_clusters=3,
-        seed=seed,
-        device="cpu",
-        state_dir=base / "state",
-        work_dir=base / "work",
-        train=TrainConfig(progress=False, **train),
-        checkpoint_dir=base / "ckpt" if checkpoint else None,
-        history_path=base / "history.parquet" if history else None,
-    )
+    return method_context(graph, tmp_path, name, seed, checkpoint=checkpoint, history=history, **train)
 
 
 SMALL = {

@@ -21,6 +21,7 @@ from agcpipe.train import checkpoint as ckpt
 from agcpipe.train.engine import Engine
 from agcpipe.train.history import read_history
 from graph_factory import make_graph
+from method_support import method_context, one_torch_thread  # noqa: F401 (autouse fixture)
 
 METHODS = ("ccassg", "gbt", "ns4gc")
 #: small encoders (CCA-SSG: lam scaled up for 16 dimensions); the published augmentation defaults
@@ -29,14 +30,6 @@ SMALL = {
     "gbt": {"encoder": {"type": "gcn", "hidden": 16, "layers": 2, "out": 8, "activation": "prelu", "norm": "batch", "last_activation": False}, "lr": 0.01},
     "ns4gc": {"encoder": {"type": "gcn", "hidden": 16, "layers": 2, "out": 8, "activation": "elu", "last_activation": False}, "lr": 0.01},
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _sbm_edges(rng, comm, n_edges, p_in=0.9):
@@ -59,21 +52,7 @@ def _sbm(tmp_path, n_per=40, k=3, d=12, seed=0, signal=1.0):
 
 
 def _ctx(graph, tmp_path: Path, name="run", seed=0, checkpoint=False, **train) -> MethodContext:
-    base = tmp_path / f"{name}-{seed}"
-    (base / "state").mkdir(parents=True, exist_ok=True)
-    (base / "work").mkdir(exist_ok=True)
-    return MethodContext(
-        graph=graph,
-        features={"x": graph.features},
-        n_clusters=3,
-        seed=seed,
-        device="cpu",
-        state_dir=base / "state",
-        work_dir=base / "work",
-        train=TrainConfig(progress=False, **train),
-        checkpoint_dir=base / "ckpt" if checkpoint else None,
-        history_path=base / "history.parquet",
-    )
+    return method_context(graph, tmp_path, name, seed, checkpoint=checkpoint, **train)
 
 
 def _run(method, ctx) -> TrainRun:

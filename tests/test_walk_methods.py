@@ -22,14 +22,7 @@ from agcpipe.sampling.walks import RandomWalkSampler, visit_counts
 from agcpipe.train import checkpoint as ckpt
 from agcpipe.train.history import read_history
 from graph_factory import make_graph
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from method_support import method_context, one_torch_thread  # noqa: F401 (autouse fixture)
 
 
 def _sbm_edges(rng, comm, n_edges, p_in=0.9):
@@ -51,22 +44,10 @@ def _sbm(tmp_path, n_per=40, k=3, d=12, seed=0):
 
 
 def _ctx(graph, tmp_path: Path, method, name="run", seed=0, checkpoint=False, **train) -> MethodContext:
-    base = tmp_path / f"{name}-{seed}"
-    (base / "state").mkdir(parents=True, exist_ok=True)
-    (base / "feats").mkdir(exist_ok=True)
-    feats, _ = compute_features(graph, method.precompute_ops(), "none", base / "feats")
-    return MethodContext(
-        graph=graph,
-        features=feats,
-        n_clusters=3,
-        seed=seed,
-        device="cpu",
-        state_dir=base / "state",
-        work_dir=base,
-        train=TrainConfig(progress=False, **train) if train else None,
-        checkpoint_dir=base / "ckpt" if checkpoint else None,
-        history_path=base / "history.parquet",
-    )
+    feats_dir = tmp_path / f"{name}-{seed}" / "feats"
+    feats_dir.mkdir(parents=True, exist_ok=True)
+    feats, _ = compute_features(graph, method.precompute_ops(), "none", feats_dir)
+    return method_context(graph, tmp_path, name, seed, features=feats, checkpoint=checkpoint, train_config=False, **train)
 
 
 SMALL = {
