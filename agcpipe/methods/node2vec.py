@@ -174,20 +174,7 @@ class Node2Vec(TransductiveTable, TrainableMethod):
         return [torch.optim.Adam(params, lr=self.params["lr"], weight_decay=self.params["weight_decay"])]
 
     def batches(self, run: TrainRun):
-        from ..sampling.neighbor import NodeBatches, map_batches
-        from ..sampling.walks import RandomWalkSampler
-
-        g = run.ctx.graph
-        p = self.params
-        walker = RandomWalkSampler(g.indptr, g.indices, p=p["p"], q=p["q"], generator=run.generator)
-        n = g.n_nodes
-        nodes = NodeBatches(n, n if run.plan.mode == "full" else run.plan.batch_size, run.generator)
-
-        def walks(start):
-            start = start.repeat(p["walks_per_node"])
-            return walker.walks(start, p["walk_length"]), walker.negative_walks(start.repeat(p["num_negative"]), p["walk_length"])
-
-        return map_batches(nodes, walks)
+        return walk_pair_batches(run, self.params, p=self.params["p"], q=self.params["q"])
 
     def loss(self, model, batch, run: TrainRun):
         import torch.nn.functional as F
@@ -273,3 +260,26 @@ def _fill_from_neighbors(g, emb: np.ndarray, known: np.ndarray, hops: int) -> np
         emb[todo[reached]] = sums / cnt[reached, None]
         known[todo[reached]] = True
     return known
+
+
+def walk_pair_batches(run: TrainRun, params: dict[str, Any], *, p: float = 1.0, q: float = 1.0):
+    """Batches of ``(positive walks, negative walks)`` for skip-gram style losses (Node2Vec, S3GC).
+
+    Each batch of start nodes (the whole graph in full-batch mode) starts ``walks_per_node`` walks of
+    ``walk_length`` steps per node (node2vec ``p`` / ``q`` biased) and ``num_negative`` random negative walks
+    per positive walk, drawn from the run's generator.
+    """
+    from ..sampling.neighbor import NodeBatches, map_batches
+    from ..sampling.walks import RandomWalkSampler
+
+    g = run.ctx.graph
+    walker = RandomWalkSampler(g.indptr, g.indices, p=p, q=q, generator=run.generator)
+    n = g.n_nodes
+    nodes = NodeBatches(n, n if run.plan.mode == "full" else run.plan.batch_size, run.generator)
+    length = params["walk_length"]
+
+    def walks(start):
+        start = start.repeat(params["walks_per_node"])
+        return walker.walks(start, length), walker.negative_walks(start.repeat(params["num_negative"]), length)
+
+    return map_batches(nodes, walks)

@@ -51,7 +51,7 @@ import numpy as np
 from pydantic import Field
 
 from .base import MethodContext
-from .node2vec import SPARSE_ABOVE_NODES, TransductiveTable
+from .node2vec import SPARSE_ABOVE_NODES, TransductiveTable, walk_pair_batches
 from .registry import register
 from .trainable import TRAINABLE_CODE, TrainableMethod, TrainableParams, TrainRun
 
@@ -191,20 +191,7 @@ class S3GC(TransductiveTable, TrainableMethod):
 
     # ------------------------------------------------------------------------------ training
     def batches(self, run: TrainRun):
-        from ..sampling.neighbor import NodeBatches, map_batches
-        from ..sampling.walks import RandomWalkSampler
-
-        g = run.ctx.graph
-        p = self.params
-        walker = RandomWalkSampler(g.indptr, g.indices, generator=run.generator)
-        n = g.n_nodes
-        nodes = NodeBatches(n, n if run.plan.mode == "full" else run.plan.batch_size, run.generator)
-
-        def walks(start):
-            start = start.repeat(p["walks_per_node"])
-            return walker.walks(start, p["walk_length"]), walker.negative_walks(start.repeat(p["num_negative"]), p["walk_length"])
-
-        return map_batches(nodes, walks)
+        return walk_pair_batches(run, self.params)  # uniform walks (p = q = 1)
 
     def loss(self, model, batch, run: TrainRun):
         import torch
