@@ -1,13 +1,15 @@
-"""Test helpers shared by the method tests: one torch thread, and a MethodContext over a small graph."""
+"""Test helpers shared by the method tests: one torch thread, a planted-partition graph, a MethodContext."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from agcpipe.config import TrainConfig
 from agcpipe.methods.base import MethodContext
+from graph_factory import make_graph
 
 
 @pytest.fixture(autouse=True)
@@ -55,3 +57,20 @@ def method_context(
         checkpoint_dir=base / "ckpt" if checkpoint else None,
         history_path=base / "history.parquet" if history else None,
     )
+
+
+def planted_sbm(tmp_path: Path, n_per: int = 40, k: int = 3, d: int = 12, seed: int = 0, weights: bool = False):
+    """``(graph, communities)``: ``k`` planted communities of ``n_per`` nodes, ~4 draws of an edge per node
+    (85% inside the community), Gaussian features shifted by 1.5 along the community's axis."""
+    rng = np.random.default_rng(seed)
+    n = n_per * k
+    comm = np.repeat(np.arange(k), n_per)
+    edges = []
+    for _ in range(n * 4):
+        i = rng.integers(n)
+        j = rng.choice(np.flatnonzero(comm == comm[i])) if rng.random() < 0.85 else rng.integers(n)
+        if i != j:
+            edges.append((i, j))
+    x = rng.standard_normal((n, d)) + 1.5 * np.eye(k, d)[comm]
+    w = rng.random(len(edges)) + 0.5 if weights else None
+    return make_graph(tmp_path, edges, features=x, labels=comm, weights=w), comm

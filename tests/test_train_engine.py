@@ -15,23 +15,11 @@ from agcpipe.nn.encoders import Encoder
 from agcpipe.train import checkpoint as ckpt
 from agcpipe.train.engine import Engine, LossOutput, TrainPlan
 from agcpipe.train.history import read_history
-from graph_factory import make_graph
-from method_support import method_context, one_torch_thread  # noqa: F401 (autouse fixture)
+from method_support import method_context, one_torch_thread, planted_sbm  # noqa: F401 (autouse fixture)
 
 
 def _sbm(tmp_path, n_per=40, k=3, d=12, seed=0, weights=False):
-    rng = np.random.default_rng(seed)
-    n = n_per * k
-    comm = np.repeat(np.arange(k), n_per)
-    edges = []
-    for _ in range(n * 4):
-        i = rng.integers(n)
-        j = rng.choice(np.flatnonzero(comm == comm[i])) if rng.random() < 0.85 else rng.integers(n)
-        if i != j:
-            edges.append((i, j))
-    x = rng.standard_normal((n, d)) + 1.5 * np.eye(k, d)[comm]
-    w = rng.random(len(edges)) + 0.5 if weights else None
-    return make_graph(tmp_path, edges, features=x, labels=comm, weights=w)
+    return planted_sbm(tmp_path, n_per, k, d, seed, weights)[0]
 
 
 def _ctx(graph, tmp_path: Path, name="run", seed=0, history=True, checkpoint=False, **train) -> MethodContext:
