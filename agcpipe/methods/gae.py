@@ -20,8 +20,6 @@ Embeddings are the encoder's output ``Z``; clustering is post-hoc KMeans (the de
 """
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import Field
 
 from .registry import register
