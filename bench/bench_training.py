@@ -49,7 +49,7 @@ class Case:
     note: str = ""
 
 
-#: the rows; the next methods (ARGA, CCA-SSG, G-BT, S3GC, NS4GC, MAGI) add theirs here
+#: the rows: every trainable method, at its published (or PyAGC's) settings unless the note says otherwise
 CASES: dict[str, Case] = {
     "gae": Case("gae", {}, {"batch_size": 2048, "fanout": [10, 10]}, "published encoder 256-64"),
     "dgi": Case("dgi", {}, {"batch_size": 2048, "fanout": [10]}, "published encoder: 1 x GCN 512, PReLU"),

@@ -28,7 +28,6 @@ early stopping restores the best weights, and one serialized checkpoint while it
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import random
 import statistics
