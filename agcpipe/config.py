@@ -130,6 +130,12 @@ class ClusterConfig(Strict):
     tol: float = Field(1e-4, ge=0)
     normalize: bool = Field(True, description="L2-normalise embeddings before KMeans")
     chunk_size: int = Field(65_536, ge=1)
+    init_sample: int | None = Field(
+        None,
+        ge=2,
+        description="run k-means++ on this many uniformly drawn rows when there are more nodes (None: on all "
+        "rows, as scikit-learn); Lloyd's iterations always use every row",
+    )
 
 
 _DASK_ADDRESS_RE = re.compile(r"^(tcp|tls|inproc|ucx|ws|wss)://\S+$")

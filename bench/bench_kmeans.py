@@ -1,7 +1,8 @@
 """Benchmark agcpipe's torch KMeans against scikit-learn's (Lloyd) on the same L2-normalised data.
 
     python bench/bench_kmeans.py [--n 1000000 --d 64 --k 50 --n-init 3 --max-iter 100 --tol 1e-4
-                                  --noise 2.0 --threads N --repeat 1 --seed 0 --embeddings PATH.npy --json PATH]
+                                  --noise 2.0 --threads N --repeat 1 --seed 0 --embeddings PATH.npy --json PATH
+                                  --init-sample M ...]
 
 The data is ``--embeddings`` (an .npy N x d float32, memory-mapped) or a seeded Gaussian mixture written to a
 temporary .npy: k centres drawn from N(0, I_d), cluster sizes from a Dirichlet(3), points = centre + ``--noise``
@@ -48,7 +49,8 @@ def build_mixture(path: str, n: int, d: int, k: int, noise: float, seed: int) ->
 
 
 def run_case(
-    impl: str, path: str, k: int, n_init: int, max_iter: int, tol: float, seed: int, threads: int | None
+    impl: str, path: str, k: int, n_init: int, max_iter: int, tol: float, seed: int, threads: int | None,
+    init_sample: int | None = None,
 ) -> dict[str, Any]:
     """One case (runs in a fresh process): cluster the L2-normalised rows of the .npy at ``path``.
 
@@ -68,7 +70,7 @@ def run_case(
         t0 = time.perf_counter()
         X = np.load(path, mmap_mode="r")
         if impl == "agcpipe":
-            km = KMeans(k, n_init=n_init, max_iter=max_iter, tol=tol, normalize=True, seed=seed)
+            km = KMeans(k, n_init=n_init, max_iter=max_iter, tol=tol, normalize=True, seed=seed, init_sample=init_sample)
             t1 = time.perf_counter()
             km.fit(X)
         else:
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--embeddings", type=Path, default=None, help="cluster this .npy (N x d float32) instead")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--init-sample", type=int, nargs="*", default=[],
+                    help="also run agcpipe with k-means++ on this many sampled rows (one row per value)")
     args = ap.parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
     command = "python bench/bench_kmeans.py " + " ".join(shlex.quote(a) for a in given)
@@ -111,10 +115,12 @@ def main(argv: list[str] | None = None) -> None:
         n, d = np.load(path, mmap_mode="r").shape
 
         results: dict[str, dict[str, Any]] = {}
-        for impl in ("agcpipe", "sklearn"):
+        impls = {"agcpipe": None, **{f"agcpipe init_sample={m:,}": m for m in args.init_sample}, "sklearn": None}
+        for impl, sample in impls.items():
             runs = []
             for _ in range(args.repeat):
-                case = (impl, path, args.k, args.n_init, args.max_iter, args.tol, args.seed, args.threads)
+                kind = "sklearn" if impl == "sklearn" else "agcpipe"
+                case = (kind, path, args.k, args.n_init, args.max_iter, args.tol, args.seed, args.threads, sample)
                 runs.append(measure(run_case, *case))
                 res = runs[-1]["result"]
                 print(f"  {impl}: {res['seconds']:.2f} s (fit {res['fit_seconds']:.2f} s), "

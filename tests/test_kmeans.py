@@ -137,6 +137,53 @@ def test_init_picks_distinct_rows_and_kmeans_plusplus_spreads_them(blobs: np.nda
     assert potential["k-means++"] < 0.5 * potential["random"]
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_sampled_init_runs_kmeans_plusplus_on_the_sample_only(normalize: bool, blobs: np.ndarray, monkeypatch) -> None:
+    seen: list[tuple[int, float]] = []
+    real = KMeans._kmeans_pp
+
+    def spy(self, X, xnorm2, k, gen, ws):
+        seen.append((X.shape[0], float(xnorm2.max())))
+        return real(self, X, xnorm2, k, gen, ws)
+
+    monkeypatch.setattr(KMeans, "_kmeans_pp", spy)
+    x = blobs * 3.0  # rows far from unit length: the sample must be normalised as X is
+    full = KMeans(8, n_init=2, seed=3, normalize=normalize, device="cpu").fit(x)
+    sampled = KMeans(8, n_init=2, seed=3, normalize=normalize, init_sample=500, device="cpu").fit(x)
+    assert [m for m, _ in seen] == [len(x)] * 2 + [500] * 2
+    if normalize:
+        assert all(abs(top - 1.0) < 1e-4 for _, top in seen)
+    # the centres it seeds are rows of X (normalised when asked), and Lloyd still runs on every row:
+    # on separated blobs both reach the same partition
+    assert _same_partition(torch.from_numpy(full.labels_), torch.from_numpy(sampled.labels_), 8)
+    assert sampled.labels_.shape == (len(x),)
+
+
+def test_sampled_init_is_seeded_and_skipped_when_the_sample_covers_x(overlapping: np.ndarray) -> None:
+    a = KMeans(12, n_init=2, seed=5, init_sample=600, device="cpu").fit(overlapping)
+    b = KMeans(12, n_init=2, seed=5, init_sample=600, device="cpu").fit(overlapping)
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    exact = KMeans(12, n_init=2, seed=5, device="cpu").fit(overlapping)
+    covered = KMeans(12, n_init=2, seed=5, init_sample=len(overlapping), device="cpu").fit(overlapping)
+    np.testing.assert_array_equal(exact.cluster_centers_, covered.cluster_centers_)
+
+
+def test_sampled_kmeans_plusplus_still_spreads_the_centres(blobs: np.ndarray) -> None:
+    potential: dict[str, float] = {}
+    for name, kw in (("sampled", {"init_sample": 200}), ("random", {"init": "random"})):
+        km = KMeans(8, device="cpu", **kw)
+        Xt, xnorm2, _ = km._materialise(blobs, *blobs.shape)
+        ws = _Workspace(len(blobs), 16, 8, 4096, torch.device("cpu"))
+        gen = torch.Generator().manual_seed(0)
+        total = 0.0
+        for _ in range(5):
+            c = km._init_centers(Xt, xnorm2, 8, gen, ws).numpy()
+            total += ((blobs[:, None, :] - c[None]) ** 2).sum(-1).min(1).sum()
+        potential[name] = total
+    # a 200-row sample of 3,000 still holds every blob, and k-means++ over it seeds them all
+    assert potential["sampled"] < 0.5 * potential["random"]
+
+
 # ---------------------------------------------------------------------- determinism and reuse
 def test_same_seed_same_result_and_no_global_state_change(blobs: np.ndarray) -> None:
     torch_state, np_state, threads = torch.get_rng_state(), np.random.get_state(), torch.get_num_threads()
@@ -257,9 +304,33 @@ def test_shape_and_parameter_errors() -> None:
         KMeans(2, init="kmeans||")
     with pytest.raises(ConfigError, match="n_init"):
         KMeans(2, n_init=0)
+    for bad in (1, 2.5, 0):
+        with pytest.raises(ConfigError, match="init_sample must be an integer >= n_clusters"):
+            KMeans(3, init_sample=bad)
     for bad in ("tpu", "meta", "cuda:x"):
         with pytest.raises(ConfigError, match="device"):
             KMeans(2, device=bad)
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device is available"):
             KMeans(2, device="cuda")
+
+
+def test_cluster_config_init_sample_reaches_the_cluster_stage_kmeans(blobs: np.ndarray, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from pydantic import ValidationError
+
+    from agcpipe.config import ClusterConfig
+    from agcpipe.methods import registry
+
+    seen: list[int] = []
+    real = KMeans._kmeans_pp
+    monkeypatch.setattr(KMeans, "_kmeans_pp", lambda self, X, *a: seen.append(X.shape[0]) or real(self, X, *a))
+    method = registry.get("ssgc").build({})
+    ctx = SimpleNamespace(n_clusters=8, seed=0, device="cpu")
+    out = method.cluster(ctx, blobs, ClusterConfig(n_init=2, init_sample=300))
+    assert seen == [300, 300] and out.labels.shape == (len(blobs),)
+    with pytest.raises(ConfigError, match="init_sample must be an integer >= n_clusters \\(8\\)"):
+        method.cluster(ctx, blobs, ClusterConfig(init_sample=5))
+    with pytest.raises(ValidationError, match="init_sample"):
+        ClusterConfig(init_sample=1)

@@ -105,6 +105,7 @@ class Method:
             tol=cfg.tol,
             normalize=cfg.normalize,
             chunk_size=cfg.chunk_size,
+            init_sample=cfg.init_sample,
             seed=ctx.seed,
             device=ctx.device,
         ).fit(embeddings)
