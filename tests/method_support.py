@@ -59,18 +59,35 @@ def method_context(
     )
 
 
-def planted_sbm(tmp_path: Path, n_per: int = 40, k: int = 3, d: int = 12, seed: int = 0, weights: bool = False):
-    """``(graph, communities)``: ``k`` planted communities of ``n_per`` nodes, ~4 draws of an edge per node
-    (85% inside the community), Gaussian features shifted by 1.5 along the community's axis."""
-    rng = np.random.default_rng(seed)
-    n = n_per * k
-    comm = np.repeat(np.arange(k), n_per)
+def sbm_edges(rng: np.random.Generator, comm: np.ndarray, n_edges: int, p_in: float) -> list[tuple[int, int]]:
+    """``n_edges`` draws of an edge from a uniform node, to a node of its community with probability ``p_in``
+    else to any node; self-loops dropped."""
+    n = comm.size
     edges = []
-    for _ in range(n * 4):
-        i = rng.integers(n)
-        j = rng.choice(np.flatnonzero(comm == comm[i])) if rng.random() < 0.85 else rng.integers(n)
+    for _ in range(n_edges):
+        i = int(rng.integers(n))
+        j = int(rng.choice(np.flatnonzero(comm == comm[i]))) if rng.random() < p_in else int(rng.integers(n))
         if i != j:
             edges.append((i, j))
-    x = rng.standard_normal((n, d)) + 1.5 * np.eye(k, d)[comm]
+    return edges
+
+
+def planted_sbm(
+    tmp_path: Path,
+    n_per: int = 40,
+    k: int = 3,
+    d: int = 12,
+    seed: int = 0,
+    weights: bool = False,
+    p_in: float = 0.85,
+    directed: bool = False,
+    signal: float = 1.5,
+):
+    """``(graph, communities)``: ``k`` planted communities of ``n_per`` nodes, ~4 draws of an edge per node
+    (a fraction ``p_in`` inside the community), Gaussian features shifted by ``signal`` along the community's axis."""
+    rng = np.random.default_rng(seed)
+    comm = np.repeat(np.arange(k), n_per)
+    edges = sbm_edges(rng, comm, comm.size * 4, p_in)
+    x = rng.standard_normal((comm.size, d)) + signal * np.eye(k, d)[comm]
     w = rng.random(len(edges)) + 0.5 if weights else None
-    return make_graph(tmp_path, edges, features=x, labels=comm, weights=w), comm
+    return make_graph(tmp_path, edges, features=x, labels=comm, weights=w, directed=directed), comm

@@ -26,27 +26,12 @@ from agcpipe.nn import pooling as P
 from agcpipe.train.engine import Engine
 from agcpipe.train.history import read_history
 from graph_factory import make_graph
-from method_support import method_context, one_torch_thread  # noqa: F401 (autouse fixture)
+from method_support import method_context, one_torch_thread, planted_sbm  # noqa: F401 (autouse fixture)
 
 METHODS = ("dmon", "mincut", "neuromap", "gcsbm")
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _sbm(tmp_path, n_per=40, k=3, d=12, seed=0, weights=False, p_in=0.85, directed=False, signal=1.5):
-    rng = np.random.default_rng(seed)
-    n = n_per * k
-    comm = np.repeat(np.arange(k), n_per)
-    edges = []
-    for _ in range(n * 4):
-        i = rng.integers(n)
-        j = rng.choice(np.flatnonzero(comm == comm[i])) if rng.random() < p_in else rng.integers(n)
-        if i != j:
-            edges.append((i, j))
-    x = rng.standard_normal((n, d)) + signal * np.eye(k, d)[comm]
-    w = rng.random(len(edges)) + 0.5 if weights else None
-    return make_graph(tmp_path, edges, features=x, labels=comm, weights=w, directed=directed), comm
-
-
 def _ctx(graph, tmp_path: Path, name="run", seed=0, k=3, **train) -> MethodContext:
     return method_context(graph, tmp_path, name, seed, n_clusters=k, **train)
 
@@ -98,7 +83,7 @@ def _ref_map_equation(a, s, alpha, p=None):
 # ------------------------------------------------------------------------------ full-batch losses
 @pytest.mark.parametrize("weighted", [False, True])
 def test_full_batch_losses_match_dense_formulas(tmp_path, weighted):
-    g, _ = _sbm(tmp_path, n_per=10, k=3, weights=weighted, p_in=0.6)
+    g, _ = planted_sbm(tmp_path, n_per=10, k=3, weights=weighted, p_in=0.6)
     a = _dense(g)
     rng = np.random.default_rng(1)
     logits = rng.normal(scale=2.0, size=(g.n_nodes, 3))
@@ -143,7 +128,7 @@ def test_full_batch_losses_match_dense_formulas(tmp_path, weighted):
 
 
 def test_gcsbm_losses_match_dense_formulas(tmp_path):
-    g, _ = _sbm(tmp_path, n_per=10, k=3, weights=True, p_in=0.6)  # weights are ignored: a binary SBM
+    g, _ = planted_sbm(tmp_path, n_per=10, k=3, weights=True, p_in=0.6)  # weights are ignored: a binary SBM
     a = (_dense(g) > 0).astype(np.float64)
     n = g.n_nodes
     rng = np.random.default_rng(2)
@@ -190,7 +175,7 @@ def test_gcsbm_losses_match_dense_formulas(tmp_path):
 def test_map_equation_of_one_module_is_the_entropy_of_the_visit_rates_and_directed_flow(tmp_path):
     from agcpipe.methods.neuromap import map_equation
 
-    g, _ = _sbm(tmp_path, n_per=8, k=3, directed=True, p_in=0.7)
+    g, _ = planted_sbm(tmp_path, n_per=8, k=3, directed=True, p_in=0.7)
     a = _dense(g)
     a[0] = 0.0  # a node without out-links: its flow teleports
     keep = [(u, v) for u, v in zip(*np.nonzero(a))]
@@ -215,7 +200,7 @@ def test_map_equation_of_one_module_is_the_entropy_of_the_visit_rates_and_direct
 
 # ------------------------------------------------------------------------------ mini-batch estimators
 def test_row_estimators_equal_the_sparse_losses_on_the_whole_graph(tmp_path):
-    g, _ = _sbm(tmp_path, n_per=12, k=3, weights=True)
+    g, _ = planted_sbm(tmp_path, n_per=12, k=3, weights=True)
     adj = P.to_sparse_adj(g.to_scipy().copy(), dtype=torch.float64)
     s = torch.softmax(torch.randn(g.n_nodes, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), -1)
     deg = P.sparse_degree(adj)
@@ -240,7 +225,7 @@ def _run(method, graph, tmp_path, batch_size, draws_key=None, **train):
 
 @pytest.mark.parametrize("name", ["dmon", "mincut", "neuromap"])
 def test_minibatch_loss_uses_whole_graph_degrees_two_m_and_flow(tmp_path, name):
-    g, _ = _sbm(tmp_path, n_per=40, k=3, weights=True)
+    g, _ = planted_sbm(tmp_path, n_per=40, k=3, weights=True)
     method = registry.get(name).build({"neighbors": 4})
     run = _run(method, g, tmp_path, batch_size=30)
     batch = next(iter(method.batches(run)))
@@ -282,7 +267,7 @@ def test_minibatch_loss_uses_whole_graph_degrees_two_m_and_flow(tmp_path, name):
 
 
 def test_minibatch_pair_sums_are_unbiased_estimates_of_the_full_graph(tmp_path):
-    g, _ = _sbm(tmp_path, n_per=40, k=3, weights=True)
+    g, _ = planted_sbm(tmp_path, n_per=40, k=3, weights=True)
     method = registry.get("dmon").build({"neighbors": 3})
     run = _run(method, g, tmp_path, batch_size=24)
     a = _dense(g)
@@ -322,7 +307,7 @@ PARTS = {
 @pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("mode", ["full", "minibatch"])
 def test_training_recovers_a_planted_partition(tmp_path, name, mode):
-    g, comm = _sbm(tmp_path, signal=1.5)
+    g, comm = planted_sbm(tmp_path, signal=1.5)
     epochs = 60 if mode == "full" else 15
     # GCSBM can stall with two communities merged (seed 0 here, in both modes): it must recover 2 of 3 seeds
     seeds = (0, 1, 2) if name == "gcsbm" else (0,)

@@ -21,7 +21,7 @@ from agcpipe.train import checkpoint as ckpt
 from agcpipe.train.engine import Engine
 from agcpipe.train.history import read_history
 from graph_factory import make_graph
-from method_support import method_context, one_torch_thread  # noqa: F401 (autouse fixture)
+from method_support import method_context, one_torch_thread, sbm_edges  # noqa: F401 (autouse fixture)
 
 METHODS = ("ccassg", "gbt", "ns4gc")
 #: small encoders (CCA-SSG: lam scaled up for 16 dimensions); the published augmentation defaults
@@ -32,23 +32,12 @@ SMALL = {
 }
 
 
-def _sbm_edges(rng, comm, n_edges, p_in=0.9):
-    n = comm.size
-    edges = []
-    for _ in range(n_edges):
-        i = rng.integers(n)
-        j = rng.choice(np.flatnonzero(comm == comm[i])) if rng.random() < p_in else rng.integers(n)
-        if i != j:
-            edges.append((i, j))
-    return edges
-
-
 def _sbm(tmp_path, n_per=40, k=3, d=12, seed=0, signal=1.0):
     """Planted partition: k communities, 90% of edges inside, features = noise + a weak class signal."""
     rng = np.random.default_rng(seed)
     comm = np.repeat(np.arange(k), n_per)
     x = rng.standard_normal((comm.size, d)) + signal * np.eye(k, d)[comm]
-    return make_graph(tmp_path, _sbm_edges(rng, comm, comm.size * 4), features=x, labels=comm)
+    return make_graph(tmp_path, sbm_edges(rng, comm, comm.size * 4, p_in=0.9), features=x, labels=comm)
 
 
 def _ctx(graph, tmp_path: Path, name="run", seed=0, checkpoint=False, **train) -> MethodContext:

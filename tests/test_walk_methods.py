@@ -22,25 +22,14 @@ from agcpipe.sampling.walks import RandomWalkSampler, visit_counts
 from agcpipe.train import checkpoint as ckpt
 from agcpipe.train.history import read_history
 from graph_factory import make_graph
-from method_support import method_context, one_torch_thread  # noqa: F401 (autouse fixture)
-
-
-def _sbm_edges(rng, comm, n_edges, p_in=0.9):
-    n = comm.size
-    edges = []
-    for _ in range(n_edges):
-        i = int(rng.integers(n))
-        j = int(rng.choice(np.flatnonzero(comm == comm[i]))) if rng.random() < p_in else int(rng.integers(n))
-        if i != j:
-            edges.append((i, j))
-    return edges
+from method_support import method_context, one_torch_thread, sbm_edges  # noqa: F401 (autouse fixture)
 
 
 def _sbm(tmp_path, n_per=40, k=3, d=12, seed=0):
     rng = np.random.default_rng(seed)
     comm = np.repeat(np.arange(k), n_per)
     x = rng.standard_normal((comm.size, d)) + 1.5 * np.eye(k, d)[comm]
-    return make_graph(tmp_path, _sbm_edges(rng, comm, comm.size * 4), features=x, labels=comm), comm, x
+    return make_graph(tmp_path, sbm_edges(rng, comm, comm.size * 4, p_in=0.9), features=x, labels=comm), comm, x
 
 
 def _ctx(graph, tmp_path: Path, method, name="run", seed=0, checkpoint=False, **train) -> MethodContext:
