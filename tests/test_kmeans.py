@@ -119,20 +119,27 @@ def test_more_clusters_than_distinct_points() -> None:
     assert np.isfinite(km.cluster_centers_).all()
 
 
+def _seeded_centres(km: KMeans, x: np.ndarray, draws: int = 5) -> list[np.ndarray]:
+    """``draws`` successive centre seedings of ``km`` (its ``n_clusters``) on ``x``, from one generator."""
+    Xt, xnorm2, _ = km._materialise(x, *x.shape)
+    ws = _Workspace(len(x), 16, km.n_clusters, 4096, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    return [km._init_centers(Xt, xnorm2, km.n_clusters, gen, ws).numpy() for _ in range(draws)]
+
+
+def _potential(x: np.ndarray, centres: list[np.ndarray]) -> float:
+    """The k-means cost of ``x`` against each seeding, summed over the seedings."""
+    return float(sum(((x[:, None, :] - c[None]) ** 2).sum(-1).min(1).sum() for c in centres))
+
+
 def test_init_picks_distinct_rows_and_kmeans_plusplus_spreads_them(blobs: np.ndarray) -> None:
     potential: dict[str, float] = {}
+    rows = {tuple(r) for r in blobs.tolist()}
     for init in ("k-means++", "random"):
-        km = KMeans(8, init=init, device="cpu")
-        Xt, xnorm2, _ = km._materialise(blobs, *blobs.shape)
-        ws = _Workspace(len(blobs), 16, 8, 4096, torch.device("cpu"))
-        gen = torch.Generator().manual_seed(0)
-        total = 0.0
-        for _ in range(5):
-            c = km._init_centers(Xt, xnorm2, 8, gen, ws).numpy()
-            rows = {tuple(r) for r in blobs.tolist()}
+        centres = _seeded_centres(KMeans(8, init=init, device="cpu"), blobs)
+        for c in centres:
             assert len({tuple(r) for r in c.tolist()}) == 8 and all(tuple(r) in rows for r in c.tolist())
-            total += ((blobs[:, None, :] - c[None]) ** 2).sum(-1).min(1).sum()
-        potential[init] = total
+        potential[init] = _potential(blobs, centres)
     # on well-separated blobs k-means++ seeds (nearly) every blob; random rows often miss some
     assert potential["k-means++"] < 0.5 * potential["random"]
 
@@ -171,15 +178,7 @@ def test_sampled_init_is_seeded_and_skipped_when_the_sample_covers_x(overlapping
 def test_sampled_kmeans_plusplus_still_spreads_the_centres(blobs: np.ndarray) -> None:
     potential: dict[str, float] = {}
     for name, kw in (("sampled", {"init_sample": 200}), ("random", {"init": "random"})):
-        km = KMeans(8, device="cpu", **kw)
-        Xt, xnorm2, _ = km._materialise(blobs, *blobs.shape)
-        ws = _Workspace(len(blobs), 16, 8, 4096, torch.device("cpu"))
-        gen = torch.Generator().manual_seed(0)
-        total = 0.0
-        for _ in range(5):
-            c = km._init_centers(Xt, xnorm2, 8, gen, ws).numpy()
-            total += ((blobs[:, None, :] - c[None]) ** 2).sum(-1).min(1).sum()
-        potential[name] = total
+        potential[name] = _potential(blobs, _seeded_centres(KMeans(8, device="cpu", **kw), blobs))
     # a 200-row sample of 3,000 still holds every blob, and k-means++ over it seeds them all
     assert potential["sampled"] < 0.5 * potential["random"]
 
